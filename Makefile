@@ -1,0 +1,35 @@
+# The README's commands. `make test` and `make demo` set everything up themselves.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+# The CUDA kernels are compiled whenever nvcc is found, so they cannot rot unnoticed
+# on machines without a GPU; D2DETR_WITH_CUDA=0 skips them.
+export CUDA_HOME ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+CSRC    := $(wildcard d2detr/layers/csrc/*.cpp d2detr/layers/csrc/*.h d2detr/layers/csrc/*.cu d2detr/layers/csrc/*.cuh)
+EXT_STAMP := build/.d2detr-ext-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench clean
+install: $(VENV)/.d2detr-installed $(EXT_STAMP)
+
+$(VENV)/.d2detr-installed: scripts/install_deps.sh
+	VENV=$(VENV) scripts/install_deps.sh
+	# Source-checkout install: the package and its projects import from here.
+	$(PY) -c "import sysconfig,os; open(os.path.join(sysconfig.get_paths()['purelib'],'d2detr-checkout.pth'),'w').write(os.getcwd()+'\n')"
+	touch $@
+
+$(EXT_STAMP): $(VENV)/.d2detr-installed setup.py $(CSRC)
+	$(PY) setup.py -q build_ext --inplace
+	@mkdir -p build && touch $@
+
+test: install
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+demo: install
+	$(PY) tools/demo_train.py
+
+bench: install
+	$(PY) tools/benchmark_ms_deform_attn.py
+
+clean:
+	rm -rf build d2detr/*.so
