@@ -1,0 +1,169 @@
+"""The set-prediction loss of DETR / Deformable DETR, returning weighted losses."""
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from detectron2.utils import comm
+from torch import Tensor, nn
+
+from d2detr.layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+
+from .losses import sigmoid_focal_loss
+
+__all__ = ["SetCriterion"]
+
+
+class SetCriterion(nn.Module):
+    """Hungarian-matched losses for DETR-style outputs.
+
+    For every prediction set (final ``outputs``, each ``outputs["aux_outputs"][i]``,
+    and ``outputs["enc_outputs"]``) the matcher assigns queries to targets and the
+    requested ``losses`` are computed:
+
+    - ``"class"`` (alias ``"labels"``) -> ``loss_class``: softmax cross-entropy over
+      ``num_classes + 1`` logits with the no-object class weighted by ``eos_coef``
+      (DETR), or with ``use_focal=True`` the sigmoid focal loss over ``num_classes``
+      logits summed and divided by the number of boxes (Deformable DETR).
+    - ``"boxes"`` -> ``loss_bbox`` (L1 on normalised cxcywh) and ``loss_giou``,
+      both summed over matched pairs and divided by the number of boxes.
+
+    Keys get the suffix ``_{i}`` for aux output ``i`` and ``_enc`` for the encoder
+    (two-stage) output. The returned dict holds **weighted** losses: the weight of
+    ``loss_class_0`` is ``weight_dict["loss_class_0"]`` if given, else
+    ``weight_dict["loss_class"]``; a loss with no weight is an error.
+
+    The number of boxes is averaged over DDP workers and clamped to >= 1, so
+    batches (or whole workers) without any object give finite losses.
+
+    Subclasses add losses by overriding :meth:`get_loss` (and their names in ``losses``).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: nn.Module,
+        weight_dict: Dict[str, float],
+        losses: Sequence[str] = ("class", "boxes"),
+        eos_coef: float = 0.1,
+        use_focal: bool = False,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        enc_class_agnostic: bool = True,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = dict(weight_dict)
+        self.losses = ["class" if l == "labels" else l for l in losses]
+        self.eos_coef = eos_coef
+        self.use_focal = use_focal
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.enc_class_agnostic = enc_class_agnostic
+        if not use_focal:
+            empty_weight = torch.ones(num_classes + 1)
+            empty_weight[-1] = eos_coef
+            self.register_buffer("empty_weight", empty_weight, persistent=False)
+
+    # ----------------------------------------------------------------- losses
+    @staticmethod
+    def _src_permutation_idx(indices: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        src_idx = torch.cat([src for (src, _) in indices])
+        return batch_idx, src_idx
+
+    def loss_class(self, outputs, targets, indices, num_boxes) -> Dict[str, Tensor]:
+        logits = outputs["pred_logits"].float()
+        B, Q, K = logits.shape
+        idx = self._src_permutation_idx(indices)
+        idx = (idx[0].to(logits.device), idx[1].to(logits.device))
+        matched_labels = torch.cat(
+            [t["labels"][J] for t, (_, J) in zip(targets, indices)]
+        ).to(logits.device, torch.long)
+        if self.use_focal:
+            # one extra column absorbs the "no object" label, then is dropped
+            target_classes = torch.full((B, Q), K, dtype=torch.long, device=logits.device)
+            target_classes[idx] = matched_labels
+            onehot = torch.zeros(B, Q, K + 1, dtype=logits.dtype, device=logits.device)
+            onehot.scatter_(2, target_classes.unsqueeze(-1), 1)
+            loss = sigmoid_focal_loss(
+                logits, onehot[..., :-1], self.focal_alpha, self.focal_gamma, reduction="sum"
+            )
+            return {"loss_class": loss / num_boxes}
+        if K != self.num_classes + 1:
+            raise ValueError(
+                f"softmax classification expects num_classes + 1 = {self.num_classes + 1} logits, got {K}"
+            )
+        target_classes = torch.full((B, Q), self.num_classes, dtype=torch.long, device=logits.device)
+        target_classes[idx] = matched_labels
+        loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
+        return {"loss_class": loss}
+
+    def loss_boxes(self, outputs, targets, indices, num_boxes) -> Dict[str, Tensor]:
+        pred = outputs["pred_boxes"]
+        idx = self._src_permutation_idx(indices)
+        src_boxes = pred[idx[0].to(pred.device), idx[1].to(pred.device)].float()
+        tgt_boxes = torch.cat([t["boxes"][J] for t, (_, J) in zip(targets, indices)]).to(src_boxes)
+        loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num_boxes
+        giou = generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes))
+        loss_giou = (1 - torch.diag(giou)).sum() / num_boxes
+        return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    def get_loss(self, loss: str, outputs, targets, indices, num_boxes) -> Dict[str, Tensor]:
+        if loss == "class":
+            return self.loss_class(outputs, targets, indices, num_boxes)
+        if loss == "boxes":
+            return self.loss_boxes(outputs, targets, indices, num_boxes)
+        raise ValueError(f"unknown loss {loss!r}")
+
+    # ----------------------------------------------------------------- driver
+    def get_num_boxes(self, targets: List[Dict[str, Tensor]], device) -> Tensor:
+        """Average number of target boxes per worker, >= 1 (a tensor: no host sync)."""
+        num_boxes = torch.as_tensor(
+            [float(sum(len(t["labels"]) for t in targets))], dtype=torch.float, device=device
+        )
+        world = comm.get_world_size()
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(num_boxes)
+        return torch.clamp(num_boxes / world, min=1)[0]
+
+    def weight_of(self, key: str, suffix: str) -> float:
+        full = key + suffix
+        if full in self.weight_dict:
+            return self.weight_dict[full]
+        if key in self.weight_dict:
+            return self.weight_dict[key]
+        raise KeyError(f"SetCriterion: no weight for {full!r} (nor {key!r}) in weight_dict {self.weight_dict}")
+
+    def compute_set_losses(self, outputs, targets, num_boxes, suffix: str = "") -> Dict[str, Tensor]:
+        """Matches one prediction set and returns its weighted losses, keys suffixed."""
+        indices = self.matcher(outputs, targets)
+        out = {}
+        for loss in self.losses:
+            for k, v in self.get_loss(loss, outputs, targets, indices, num_boxes).items():
+                out[k + suffix] = v * self.weight_of(k, suffix)
+        return out
+
+    def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        """``outputs``: ``pred_logits``, ``pred_boxes`` and optionally ``aux_outputs`` (list of
+        dicts) and ``enc_outputs`` (dict); ``targets``: list of ``{"labels", "boxes"}``
+        (boxes normalised cxcywh). Returns weighted scalar losses."""
+        num_boxes = self.get_num_boxes(targets, outputs["pred_logits"].device)
+        losses = self.compute_set_losses(outputs, targets, num_boxes)
+        for i, aux in enumerate(outputs.get("aux_outputs") or []):
+            losses.update(self.compute_set_losses(aux, targets, num_boxes, suffix=f"_{i}"))
+        enc = outputs.get("enc_outputs")
+        if enc is not None:
+            enc_targets = targets
+            if self.enc_class_agnostic:
+                enc_targets = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
+            losses.update(self.compute_set_losses(enc, enc_targets, num_boxes, suffix="_enc"))
+        return losses
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, losses={self.losses}, use_focal={self.use_focal}, "
+            f"eos_coef={self.eos_coef}, focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}, "
+            f"weight_dict={self.weight_dict}"
+        )

@@ -1,0 +1,96 @@
+"""Hungarian matching between predictions and ground truth (DETR / Deformable DETR)."""
+from typing import Dict, List, Tuple
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from d2detr.layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+
+__all__ = ["HungarianMatcher"]
+
+
+class HungarianMatcher(nn.Module):
+    """One-to-one assignment of queries to targets minimising
+    ``cost_class * C_cls + cost_bbox * L1(cxcywh) + cost_giou * (-GIoU)``.
+
+    ``use_focal=False``: DETR's ``C_cls = -softmax(p)[target]`` (logits have a
+    trailing no-object class). ``use_focal=True``: Deformable DETR's focal cost
+    ``alpha (1-p)^gamma (-log p) - (1-alpha) p^gamma (-log(1-p))`` with sigmoid ``p``.
+
+    ``forward(outputs, targets)``: ``outputs["pred_logits"] [B,Q,C(+1)]``,
+    ``outputs["pred_boxes"] [B,Q,4]`` normalised cxcywh; ``targets`` a list of
+    dicts with ``labels [n]`` and ``boxes [n,4]`` (normalised cxcywh). Returns one
+    ``(query_idx, target_idx)`` pair of int64 CPU tensors per image, of length
+    ``min(Q, n)``; images without targets get empty tensors.
+    """
+
+    def __init__(
+        self,
+        cost_class: float = 1.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        use_focal: bool = False,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+    ):
+        super().__init__()
+        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+            raise ValueError("all costs can't be 0")
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+        self.use_focal = use_focal
+        self.alpha = alpha
+        self.gamma = gamma
+
+    def class_cost(self, logits: Tensor, tgt_ids: Tensor) -> Tensor:
+        """``logits [N,C]`` (flattened queries) -> ``[N, len(tgt_ids)]``."""
+        if self.use_focal:
+            prob = logits.sigmoid()
+            neg = (1 - self.alpha) * (prob**self.gamma) * (-(1 - prob + 1e-8).log())
+            pos = self.alpha * ((1 - prob) ** self.gamma) * (-(prob + 1e-8).log())
+            return pos[:, tgt_ids] - neg[:, tgt_ids]
+        return -logits.softmax(-1)[:, tgt_ids]
+
+    @torch.no_grad()
+    def cost_matrix(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]) -> Tensor:
+        """The ``[B, Q, sum(n_i)]`` cost matrix (on the predictions' device)."""
+        bs, nq = outputs["pred_logits"].shape[:2]
+        logits = outputs["pred_logits"].flatten(0, 1).float()
+        out_bbox = outputs["pred_boxes"].flatten(0, 1).float()
+        tgt_ids = torch.cat([t["labels"] for t in targets]).to(logits.device, torch.long)
+        tgt_bbox = torch.cat([t["boxes"] for t in targets]).to(out_bbox)
+        cost_class = self.class_cost(logits, tgt_ids)
+        cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))
+        C = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        return C.view(bs, nq, -1)
+
+    @torch.no_grad()
+    def forward(
+        self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]
+    ) -> List[Tuple[Tensor, Tensor]]:
+        sizes = [len(t["boxes"]) for t in targets]
+        empty = torch.empty(0, dtype=torch.int64)
+        if sum(sizes) == 0:
+            return [(empty, empty.clone()) for _ in sizes]
+        C = self.cost_matrix(outputs, targets).cpu()
+        if not torch.isfinite(C).all():
+            raise FloatingPointError("HungarianMatcher: non-finite cost (NaN/inf predictions?)")
+        indices = []
+        for i, c in enumerate(C.split(sizes, -1)):
+            if sizes[i] == 0:
+                indices.append((empty, empty.clone()))
+                continue
+            row, col = linear_sum_assignment(c[i].numpy())
+            indices.append(
+                (torch.as_tensor(row, dtype=torch.int64), torch.as_tensor(col, dtype=torch.int64))
+            )
+        return indices
+
+    def extra_repr(self) -> str:
+        return (
+            f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}, "
+            f"use_focal={self.use_focal}, alpha={self.alpha}, gamma={self.gamma}"
+        )
