@@ -1,0 +1,8 @@
+from .detr_dataset_mapper import (
+    DETR_TRAIN_SCALES,
+    DetrDatasetMapper,
+    build_detr_test_augmentation,
+    build_detr_train_augmentation,
+    build_detr_train_crop_augmentation,
+    to_three_channels,
+)
