@@ -1,0 +1,3 @@
+from .detr_base import DETRBase
+
+__all__ = ["DETRBase"]

@@ -1,0 +1,191 @@
+"""The Detectron2-facing part shared by every DETR-family detector.
+
+A method subclasses :class:`DETRBase` and implements only
+``forward_features(images, masks) -> outputs`` (plus, if it needs them, a
+``targets`` argument, see :attr:`DETRBase.forward_features_needs_targets`).
+The base class does Detectron2's I/O: input normalisation and padding, target
+preparation, losses through the criterion, and inference to ``Instances`` in
+the original image's coordinates.
+
+``outputs`` contract: ``pred_logits [B,Q,C]`` (``C = num_classes`` with sigmoid /
+focal classification, ``num_classes + 1`` with softmax, the last being
+no-object), ``pred_boxes [B,Q,4]`` normalised (cx, cy, w, h) relative to the
+*unpadded* image, optionally ``aux_outputs`` (list of such dicts) and
+``enc_outputs`` (dict) for the criterion, plus any method-specific entries.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import Tensor, nn
+
+from d2detr.layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+
+__all__ = ["DETRBase"]
+
+
+class DETRBase(nn.Module):
+    """Base meta-architecture (Detectron2's ``forward(batched_inputs)`` contract).
+
+    Args:
+        backbone: a Detectron2 ``Backbone`` (stored as ``self.backbone``; subclasses use it).
+        criterion: a ``SetCriterion``-like module ``(outputs, targets) -> dict`` of weighted
+            losses; may be None for inference-only models.
+        num_classes: number of object classes (without no-object).
+        pixel_mean, pixel_std: per-channel statistics in **RGB** order, 0-255 scale.
+        select_box_nums_for_evaluation: detections kept per image (top-k scores).
+        use_focal: sigmoid classification with top-k over queries x classes (Deformable
+            DETR and later); False: softmax, drop the no-object class, one box per query (DETR).
+        size_divisibility: pad the batch to a multiple of this (0: no constraint beyond
+            the backbone's own ``size_divisibility``).
+        input_format: channel order of the ``image`` tensors the mapper produces
+            ("RGB" or "BGR"); BGR inputs are flipped to RGB before normalisation.
+    """
+
+    #: Set to True in a subclass whose ``forward_features`` takes a ``targets`` keyword
+    #: (e.g. denoising queries); it receives the prepared targets in training, None otherwise.
+    forward_features_needs_targets: bool = False
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        criterion: Optional[nn.Module],
+        num_classes: int,
+        pixel_mean: Sequence[float] = (123.675, 116.280, 103.530),
+        pixel_std: Sequence[float] = (58.395, 57.120, 57.375),
+        select_box_nums_for_evaluation: int = 100,
+        use_focal: bool = False,
+        size_divisibility: int = 0,
+        input_format: str = "RGB",
+    ):
+        super().__init__()
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
+        if len(pixel_mean) != 3 or len(pixel_std) != 3:
+            raise ValueError("pixel_mean and pixel_std need 3 values (RGB)")
+        self.backbone = backbone
+        self.criterion = criterion
+        self.num_classes = num_classes
+        self.select_box_nums_for_evaluation = select_box_nums_for_evaluation
+        self.use_focal = use_focal
+        self.input_format = input_format
+        backbone_div = getattr(backbone, "size_divisibility", 0) or 0
+        self.size_divisibility = max(int(size_divisibility), int(backbone_div))
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------- to implement
+    def forward_features(self, images: ImageList, masks: Tensor, **kwargs) -> Dict:
+        """``images.tensor [B,3,H,W]`` normalised, padded; ``masks [B,H,W]`` True on
+        padding. Returns the ``outputs`` dict described in the module docstring."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ input
+    def normalize(self, image: Tensor) -> Tensor:
+        """One ``[3,H,W]`` image in ``input_format`` order, 0-255 -> normalised RGB float."""
+        image = image.to(self.device, non_blocking=True).float()
+        if image.shape[0] != 3:
+            raise ValueError(
+                f"expected a 3-channel image, got shape {tuple(image.shape)}; "
+                "convert grayscale/RGBA in the dataset mapper"
+            )
+        if self.input_format == "BGR":
+            image = image.flip(0)
+        return (image - self.pixel_mean) / self.pixel_std
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> Tuple[ImageList, Tensor]:
+        """Normalises, pads (with 0 after normalisation, as DETR) and returns
+        ``(ImageList, masks[B,H,W] bool, True on padding)``; ``image_sizes`` are unpadded."""
+        images = [self.normalize(x["image"]) for x in batched_inputs]
+        images = ImageList.from_tensors(images, self.size_divisibility)
+        B, _, H, W = images.tensor.shape
+        masks = torch.ones((B, H, W), dtype=torch.bool, device=self.device)
+        for i, (h, w) in enumerate(images.image_sizes):
+            masks[i, :h, :w] = False
+        return images, masks
+
+    def prepare_targets(self, instances: List[Instances]) -> List[Dict[str, Tensor]]:
+        """``gt_instances`` -> ``[{"labels": [n] int64, "boxes": [n,4] cxcywh in [0,1]}]``,
+        normalised by each image's unpadded (transformed) size."""
+        targets = []
+        for inst in instances:
+            h, w = inst.image_size
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+            boxes = inst.gt_boxes.tensor.to(self.device).float() / scale
+            targets.append(
+                {
+                    "labels": inst.gt_classes.to(self.device, torch.long),
+                    "boxes": box_xyxy_to_cxcywh(boxes),
+                }
+            )
+        return targets
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, batched_inputs: List[Dict]):
+        images, masks = self.preprocess_image(batched_inputs)
+        targets = None
+        if self.training:
+            if any("instances" not in x for x in batched_inputs):
+                raise ValueError("training inputs need 'instances' (use DetrDatasetMapper(is_train=True))")
+            targets = self.prepare_targets([x["instances"] for x in batched_inputs])
+        if self.forward_features_needs_targets:
+            outputs = self.forward_features(images, masks, targets=targets)
+        else:
+            outputs = self.forward_features(images, masks)
+        if self.training:
+            return self.compute_losses(outputs, targets)
+        results = self.inference(outputs, images.image_sizes)
+        processed = []
+        for res, inp, size in zip(results, batched_inputs, images.image_sizes):
+            h = inp.get("height", size[0])
+            w = inp.get("width", size[1])
+            processed.append({"instances": detector_postprocess(res, h, w)})
+        return processed
+
+    def compute_losses(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        if self.criterion is None:
+            raise RuntimeError(f"{type(self).__name__} was built without a criterion: cannot train")
+        return self.criterion(outputs, targets)
+
+    # -------------------------------------------------------------- inference
+    def select_detections(self, logits: Tensor, boxes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``logits [B,Q,C]``, ``boxes [B,Q,4]`` -> ``(scores, labels, boxes)`` each ``[B,K,...]``."""
+        B, Q, C = logits.shape
+        if self.use_focal:
+            prob = logits.sigmoid().flatten(1)
+            k = min(self.select_box_nums_for_evaluation, Q * C)
+            scores, idx = prob.topk(k, dim=1)
+            query = torch.div(idx, C, rounding_mode="floor")
+            labels = idx % C
+        else:
+            scores, labels = logits.softmax(-1)[..., :-1].max(-1)
+            k = min(self.select_box_nums_for_evaluation, Q)
+            query = torch.arange(Q, device=logits.device).expand(B, Q)
+            if k < Q:
+                scores, order = scores.topk(k, dim=1)
+                labels = labels.gather(1, order)
+                query = query.gather(1, order)
+        boxes = boxes.gather(1, query.unsqueeze(-1).expand(-1, -1, 4))
+        return scores, labels, boxes
+
+    def inference(self, outputs: Dict, image_sizes: List[Tuple[int, int]]) -> List[Instances]:
+        """Top detections per image as ``Instances`` in the (resized, unpadded) input's
+        pixel coordinates; :meth:`forward` then rescales them to ``height``/``width``."""
+        scores, labels, boxes = self.select_detections(
+            outputs["pred_logits"].float(), outputs["pred_boxes"].float()
+        )
+        results = []
+        for s, l, b, (h, w) in zip(scores, labels, boxes, image_sizes):
+            scale = torch.tensor([w, h, w, h], dtype=b.dtype, device=b.device)
+            res = Instances((h, w))
+            res.pred_boxes = Boxes(box_cxcywh_to_xyxy(b) * scale)
+            res.scores = s
+            res.pred_classes = l
+            results.append(res)
+        return results

@@ -1,0 +1,130 @@
+import numpy as np
+import pytest
+import torch
+from detectron2.data import transforms as T
+from detectron2.structures import Boxes, Instances
+
+from d2detr.modeling.criterion import SetCriterion
+from d2detr.modeling.matcher import HungarianMatcher
+from d2detr.modeling.meta_arch import DETRBase
+
+BOX = torch.tensor([0.40, 0.30, 0.20, 0.10])  # normalised cxcywh predicted by query 1
+
+
+class FakeDETR(DETRBase):
+    """Predicts BOX with class 2 on query 1, and junk elsewhere."""
+
+    def __init__(self, use_focal, **kw):
+        super().__init__(backbone=torch.nn.Identity(), criterion=kw.pop("criterion", None), num_classes=3,
+                         use_focal=use_focal, select_box_nums_for_evaluation=kw.pop("k", 5), **kw)
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+        self.seen = None
+
+    def forward_features(self, images, masks):
+        self.seen = (images, masks)
+        B, Q = len(images), 4
+        C = 3 if self.use_focal else 4
+        logits = torch.full((B, Q, C), -5.0) + self.bias
+        logits[:, 1, 2] = 5.0
+        boxes = torch.tensor([0.5, 0.5, 0.1, 0.1]).repeat(B, Q, 1) + self.bias
+        boxes[:, 1] = BOX
+        return {"pred_logits": logits, "pred_boxes": boxes}
+
+
+def _inputs(sizes_orig, resized):
+    out = []
+    for (h, w), (rh, rw) in zip(sizes_orig, resized):
+        out.append({"image": torch.randint(0, 255, (3, rh, rw), dtype=torch.uint8), "height": h, "width": w})
+    return out
+
+
+@pytest.mark.parametrize("use_focal", [True, False])
+def test_inference_returns_absolute_xyxy_in_original_image(use_focal):
+    model = FakeDETR(use_focal).eval()
+    # image 0: 200x300 resized (as a mapper would) to 100x150; image 1: 90x60 kept as is
+    inputs = _inputs([(200, 300), (90, 60)], [(100, 150), (90, 60)])
+    with torch.no_grad():
+        res = model(inputs)
+    for r, (h, w) in zip(res, [(200, 300), (90, 60)]):
+        inst = r["instances"]
+        assert inst.image_size == (h, w)
+        best = inst.scores.argmax()
+        assert int(inst.pred_classes[best]) == 2 and float(inst.scores[best]) > 0.9
+        cx, cy, bw, bh = BOX.tolist()
+        ref = torch.tensor([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
+        torch.testing.assert_close(inst.pred_boxes.tensor[best], ref)
+        assert len(inst) <= 5
+        assert (inst.pred_classes < 3).all()  # never the no-object class
+
+
+def test_a_real_resize_end_to_end():
+    """Resize with the test augmentation and come back to the original coordinates."""
+    orig = np.zeros((240, 320, 3), dtype=np.uint8)
+    aug = T.AugmentationList([T.ResizeShortestEdge(96, 1333)])
+    inp = T.AugInput(orig)
+    aug(inp)
+    img = torch.as_tensor(inp.image.transpose(2, 0, 1).copy())
+    assert img.shape[1:] == (96, 128)
+    res = FakeDETR(True).eval()([{"image": img, "height": 240, "width": 320}])[0]["instances"]
+    best = res.scores.argmax()
+    torch.testing.assert_close(res.pred_boxes.tensor[best], torch.tensor([96.0, 60.0, 160.0, 84.0]))
+
+
+def test_preprocess_masks_and_normalisation():
+    model = FakeDETR(True, size_divisibility=32, input_format="BGR")
+    img0 = torch.zeros(3, 50, 70, dtype=torch.uint8)
+    img0[0] = 10  # B channel in BGR
+    inputs = [{"image": img0}, {"image": torch.zeros(3, 64, 40, dtype=torch.uint8)}]
+    images, masks = model.preprocess_image(inputs)
+    assert images.tensor.shape == (2, 3, 64, 96)
+    assert images.image_sizes == [(50, 70), (64, 40)]
+    assert masks.dtype == torch.bool and masks.shape == (2, 64, 96)
+    assert not masks[0, :50, :70].any() and masks[0, 50:].all() and masks[0, :, 70:].all()
+    assert not masks[1, :, :40].any() and masks[1, :, 40:].all()
+    # BGR input flipped to RGB before the (RGB) ImageNet normalisation; padding is 0
+    mean, std = model.pixel_mean.flatten(), model.pixel_std.flatten()
+    torch.testing.assert_close(images.tensor[0, 2, 0, 0], (10 - mean[2]) / std[2])
+    torch.testing.assert_close(images.tensor[0, 0, 0, 0], (0 - mean[0]) / std[0])
+    assert images.tensor[0, :, 60, 80].abs().sum() == 0
+    with pytest.raises(ValueError, match="3-channel"):
+        model.preprocess_image([{"image": torch.zeros(1, 8, 8)}])
+
+
+def test_prepare_targets_normalises_by_unpadded_size():
+    model = FakeDETR(True)
+    inst = Instances((100, 200))
+    inst.gt_boxes = Boxes(torch.tensor([[20.0, 10.0, 60.0, 50.0]]))
+    inst.gt_classes = torch.tensor([2])
+    empty = Instances((50, 50))
+    empty.gt_boxes = Boxes(torch.zeros(0, 4))
+    empty.gt_classes = torch.zeros(0, dtype=torch.long)
+    t = model.prepare_targets([inst, empty])
+    torch.testing.assert_close(t[0]["boxes"], torch.tensor([[0.2, 0.3, 0.2, 0.4]]))
+    assert t[0]["labels"].tolist() == [2] and t[1]["boxes"].shape == (0, 4)
+
+
+def test_training_returns_weighted_losses_and_can_pass_targets():
+    crit = SetCriterion(3, HungarianMatcher(use_focal=True), {"loss_class": 2, "loss_bbox": 5, "loss_giou": 2},
+                        use_focal=True)
+
+    class WithTargets(FakeDETR):
+        forward_features_needs_targets = True
+
+        def forward_features(self, images, masks, targets=None):
+            self.got = targets
+            return super().forward_features(images, masks)
+
+    model = WithTargets(True, criterion=crit).train()
+    inputs = _inputs([(100, 150)], [(100, 150)])
+    inst = Instances((100, 150))
+    inst.gt_boxes = Boxes(torch.tensor([[45.0, 25.0, 75.0, 35.0]]))  # = BOX in pixels
+    inst.gt_classes = torch.tensor([2])
+    inputs[0]["instances"] = inst
+    losses = model(inputs)
+    assert set(losses) == {"loss_class", "loss_bbox", "loss_giou"}
+    assert losses["loss_bbox"].item() < 1e-5 and losses["loss_giou"].item() < 1e-5
+    torch.testing.assert_close(model.got[0]["boxes"], BOX[None])
+    sum(losses.values()).backward()
+    assert model.bias.grad is not None
+    with pytest.raises(ValueError, match="instances"):
+        model(_inputs([(10, 10)], [(10, 10)]))
