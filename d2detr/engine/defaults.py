@@ -1,0 +1,218 @@
+"""The training and evaluation loop behind ``tools/train_net.py``.
+
+It follows Detectron2's ``tools/lazyconfig_train_net.py`` and adds what the DETR
+family needs: :class:`DetrTrainer` (AMP on CUDA and CPU, gradient clipping,
+non-finite loss guard), an optional weight EMA that is checkpointed and used for
+evaluation, and CPU multi-process training (``--num-gpus N`` starts N gloo workers
+when ``train.device`` is ``"cpu"``).
+
+Config keys read here (``cfg.train``; see ``configs/common/train.py``): ``output_dir``,
+``init_checkpoint``, ``max_iter``, ``device``, ``amp.enabled``, ``amp.dtype``,
+``ddp.*``, ``clip_grad.enabled``, ``clip_grad.params.{max_norm,norm_type}``,
+``model_ema.enabled``, ``model_ema.decay``, ``checkpointer.{period,max_to_keep}``,
+``eval_period``, ``log_period``, ``seed``; plus ``cfg.model``, ``cfg.optimizer``
+(``params.model`` is filled in), ``cfg.lr_multiplier``, ``cfg.dataloader.{train,test,evaluator}``.
+"""
+import logging
+import os
+from typing import Optional
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import create_ddp_model, default_setup, default_writers, hooks
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from omegaconf import OmegaConf
+
+from .ema import ModelEMA
+from .launch import launch
+from .trainer import DetrTrainer
+
+__all__ = [
+    "load_config",
+    "setup",
+    "build_model_ema",
+    "build_trainer",
+    "do_test",
+    "do_train",
+    "main",
+    "launch_from_args",
+]
+
+logger = logging.getLogger("d2detr")
+
+
+def _get(cfg, dotted: str, default=None):
+    node = cfg
+    for key in dotted.split("."):
+        if node is None or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def load_config(args):
+    """``LazyConfig.load(args.config_file)`` with the ``key=value`` overrides applied."""
+    cfg = LazyConfig.load(args.config_file)
+    return LazyConfig.apply_overrides(cfg, args.opts)
+
+
+def setup(args):
+    """Loads the config and runs Detectron2's ``default_setup`` (logging, seed, config.yaml)."""
+    cfg = load_config(args)
+    default_setup(cfg, args)
+    return cfg
+
+
+def _device(cfg) -> str:
+    return str(_get(cfg, "train.device", "cuda"))
+
+
+def _ddp_kwargs(cfg) -> dict:
+    kwargs = dict(_get(cfg, "train.ddp", None) or {})
+    if _device(cfg).startswith("cpu"):
+        kwargs.setdefault("device_ids", None)  # DDP over CPU modules takes no device ids
+    return kwargs
+
+
+def build_model_ema(cfg, model) -> Optional[ModelEMA]:
+    """A :class:`ModelEMA` of ``model`` when ``train.model_ema.enabled``, else ``None``."""
+    if not _get(cfg, "train.model_ema.enabled", False):
+        return None
+    return ModelEMA(model, decay=_get(cfg, "train.model_ema.decay", 0.9998))
+
+
+def build_trainer(cfg, model, data_loader, optimizer, model_ema=None) -> DetrTrainer:
+    """:class:`DetrTrainer` configured from ``cfg.train.{amp,clip_grad}``."""
+    clip = _get(cfg, "train.clip_grad", None) or {}
+    clip_params = clip.get("params", None) or {}
+    return DetrTrainer(
+        model,
+        data_loader,
+        optimizer,
+        amp=bool(_get(cfg, "train.amp.enabled", False)),
+        amp_dtype=_get(cfg, "train.amp.dtype", None),
+        clip_grad_max_norm=clip_params.get("max_norm", 0.1) if clip.get("enabled", False) else None,
+        clip_grad_norm_type=clip_params.get("norm_type", 2.0),
+        model_ema=model_ema,
+    )
+
+
+def _checkpointables(model_ema):
+    return {"model_ema": model_ema} if model_ema is not None else {}
+
+
+def do_test(cfg, model, model_ema: Optional[ModelEMA] = None):
+    """Evaluates ``model`` (with the EMA weights when ``model_ema`` is given) on
+    ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``; returns the results."""
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    evaluator_cfg = cfg.dataloader.evaluator
+    if "output_dir" in evaluator_cfg and evaluator_cfg.output_dir is None:
+        # COCOEvaluator caches the COCO-format ground truth of non-COCO datasets there.
+        evaluator_cfg = OmegaConf.merge(
+            evaluator_cfg, {"output_dir": os.path.join(cfg.train.output_dir, "inference")}
+        )
+    evaluator = instantiate(evaluator_cfg)
+    data_loader = instantiate(cfg.dataloader.test)
+    if model_ema is not None:
+        with model_ema.apply_to(model):
+            ret = inference_on_dataset(model, data_loader, evaluator)
+    else:
+        ret = inference_on_dataset(model, data_loader, evaluator)
+    if comm.is_main_process():
+        print_csv_format(ret)
+    return ret
+
+
+def do_train(args, cfg) -> DetrTrainer:
+    """Trains ``cfg`` (resuming from ``train.output_dir`` when ``args.resume``) and
+    returns the trainer."""
+    device = _device(cfg)
+    model = instantiate(cfg.model)
+    logger.info("Model:\n{}".format(model))
+    model.to(device)
+
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    model = create_ddp_model(model, **_ddp_kwargs(cfg))
+    model_ema = build_model_ema(cfg, model)
+    trainer = build_trainer(cfg, model, train_loader, optimizer, model_ema)
+    checkpointer = DetectionCheckpointer(
+        model, cfg.train.output_dir, trainer=trainer, **_checkpointables(model_ema)
+    )
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            (
+                hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+                if comm.is_main_process()
+                else None
+            ),
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, model_ema)),
+            (
+                hooks.PeriodicWriter(
+                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                    period=cfg.train.log_period,
+                )
+                if comm.is_main_process()
+                else None
+            ),
+        ]
+    )
+
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    if model_ema is not None and model_ema.num_updates == 0:
+        # Not resumed from a checkpoint with an EMA: start it from the loaded weights.
+        model_ema.copy_from(model)
+    if args.resume and checkpointer.has_checkpoint():
+        # The checkpoint was written after iteration `trainer.iter` finished.
+        start_iter = trainer.iter + 1
+    else:
+        start_iter = 0
+    trainer.train(start_iter, cfg.train.max_iter)
+    return trainer
+
+
+def _eval_only(args, cfg):
+    model = instantiate(cfg.model)
+    model.to(_device(cfg))
+    model = create_ddp_model(model, **_ddp_kwargs(cfg))
+    model_ema = build_model_ema(cfg, model)
+    DetectionCheckpointer(model, cfg.train.output_dir, **_checkpointables(model_ema)).resume_or_load(
+        cfg.train.init_checkpoint, resume=args.resume
+    )
+    if model_ema is not None and model_ema.num_updates == 0:
+        logger.warning("train.model_ema.enabled, but the checkpoint has no EMA: evaluating its weights.")
+        model_ema = None
+    return do_test(cfg, model, model_ema)
+
+
+def main(args):
+    """Entry point of one worker: ``--eval-only`` evaluates, otherwise trains."""
+    cfg = setup(args)
+    if args.eval_only:
+        return _eval_only(args, cfg)
+    do_train(args, cfg)
+
+
+def launch_from_args(args, main_func=main):
+    """Starts ``main_func(args)`` in ``args.num_gpus`` processes per machine.
+
+    On CUDA these are GPU workers (Detectron2's launch, NCCL). When the config's
+    ``train.device`` is ``"cpu"``, ``--num-gpus N`` means N CPU worker processes
+    that train together through gloo.
+    """
+    device = _device(load_config(args))
+    return launch(
+        main_func,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        device=device,
+    )

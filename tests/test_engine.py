@@ -1,0 +1,208 @@
+"""d2detr.engine pieces on CPU: DetrTrainer (bf16 autocast, gradient clipping,
+non-finite loss guard, EMA), ModelEMA, LrFactorByName and the COCO epoch schedules."""
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, DatasetMapper
+from detectron2.solver import get_default_optimizer_params
+from detectron2.utils.events import EventStorage
+from test_train_toy import REPO, TinyDetector, register_toy_datasets
+from torch import nn
+
+from d2detr.engine import DetrTrainer, LrFactorByName, ModelEMA, resolve_amp_dtype
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    register_toy_datasets(str(tmp_path_factory.mktemp("toy")))
+    mapper = DatasetMapper(is_train=True, augmentations=[], image_format="RGB")
+    return [mapper(d) for d in DatasetCatalog.get("toy_train")]
+
+
+def _trainer(batch, **kwargs):
+    torch.manual_seed(0)
+    model = TinyDetector(**{k: kwargs.pop(k) for k in ("nan_at_iter",) if k in kwargs})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = iter(lambda: batch, None)  # the same batch forever
+    return DetrTrainer(model, loader, optimizer, **kwargs)
+
+
+def _step(trainer, it=0):
+    with EventStorage(it) as storage:
+        trainer.storage = storage
+        trainer.iter = it
+        storage.iter = it
+        trainer.run_step()
+    return storage
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def test_bf16_autocast_on_cpu_runs_a_step(batch):
+    trainer = _trainer(batch, amp=True)
+    assert trainer.amp_dtype == torch.bfloat16 and trainer.grad_scaler is None
+    seen = []
+    trainer.model.class_embed.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    before = _params(trainer.model)
+    storage = _step(trainer)
+    assert seen == [torch.bfloat16]  # the linear layers really ran in bfloat16
+    assert math.isfinite(storage.history("total_loss").latest())
+    after = _params(trainer.model)
+    assert all(v.dtype == torch.float32 for v in after.values())  # master weights stay fp32
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fp32_by_default(batch):
+    trainer = _trainer(batch)
+    seen = []
+    trainer.model.class_embed.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    _step(trainer)
+    assert seen == [torch.float32]
+
+
+def test_gradient_clipping_bounds_the_total_norm(batch):
+    trainer = _trainer(batch, clip_grad_max_norm=0.01)
+    storage = _step(trainer)
+    total = torch.norm(torch.stack([p.grad.norm() for p in trainer.model.parameters() if p.grad is not None]))
+    assert total <= 0.01 * (1 + 1e-4)
+    assert storage.history("grad_norm").latest() > 0.01  # the norm before clipping is logged
+
+    unclipped = _trainer(batch)
+    _step(unclipped)
+    total = torch.norm(torch.stack([p.grad.norm() for p in unclipped.model.parameters()]))
+    assert total > 0.01
+
+
+def test_nonfinite_loss_raises_before_the_step(batch):
+    trainer = _trainer(batch, nan_at_iter=5)
+    _step(trainer, it=4)
+    before = _params(trainer.model)
+    with pytest.raises(FloatingPointError, match=r"iteration=5\b"):
+        _step(trainer, it=5)
+    after = _params(trainer.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_trainer_updates_ema_after_each_step(batch):
+    trainer = _trainer(batch)
+    ema = ModelEMA(trainer.model, decay=0.75)
+    trainer.model_ema = ema
+    w0 = trainer.model.fuse.weight.detach().clone()
+    _step(trainer)
+    w1 = trainer.model.fuse.weight.detach().clone()
+    assert ema.num_updates == 1
+    torch.testing.assert_close(ema.state["fuse.weight"], 0.75 * w0 + 0.25 * w1)
+
+
+def test_amp_dtype_names():
+    assert resolve_amp_dtype(None, "cuda") == torch.float16
+    assert resolve_amp_dtype(None, "cpu") == torch.bfloat16
+    assert resolve_amp_dtype("bf16", "cuda") == torch.bfloat16
+    assert resolve_amp_dtype("float16", "cuda") == torch.float16
+    with pytest.raises(ValueError):
+        resolve_amp_dtype("int8", "cuda")
+
+
+class _WithBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.bn = nn.BatchNorm1d(2)
+
+
+def test_model_ema_math_swap_and_state_dict():
+    model = _WithBN()
+    ema = ModelEMA(model, decay=0.9)
+    w0 = model.lin.weight.detach().clone()
+    with torch.no_grad():
+        model.lin.weight.add_(1.0)
+        model.bn.num_batches_tracked.fill_(7)
+    ema.update(model)
+    ema.update(model)
+    # Two steps towards the constant target w0 + 1: 0.9^2 of the gap remains.
+    torch.testing.assert_close(ema.state["lin.weight"], w0 + 1 - 0.81)
+    assert ema.state["bn.num_batches_tracked"].item() == 7  # integer buffers are copied
+
+    current = model.lin.weight.detach().clone()
+    with ema.apply_to(model):
+        torch.testing.assert_close(model.lin.weight, ema.state["lin.weight"])
+    assert torch.equal(model.lin.weight, current)  # restored on exit
+
+    restored = ModelEMA(_WithBN(), decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == 2
+    for k in ema.state:
+        assert torch.equal(restored.state[k], ema.state[k])
+    with pytest.raises(ValueError):
+        ModelEMA(model, decay=1.5)
+
+
+class _Named(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Linear(2, 2)
+        self.my_backbone_proj = nn.Linear(2, 2)
+        self.sampling_offsets = nn.Linear(2, 2)
+        self.head = nn.Linear(2, 2)
+
+
+def test_lr_factor_by_name_in_param_groups():
+    model = _Named()
+    func = LrFactorByName({"backbone": 0.1, "sampling_offsets": 0.5})
+    groups = get_default_optimizer_params(model, base_lr=1e-4, lr_factor_func=func)
+    lr_of = {}
+    for g in groups:
+        for p in g["params"]:
+            lr_of[p] = g["lr"]
+    assert lr_of[model.backbone.weight] == pytest.approx(1e-5)
+    assert lr_of[model.sampling_offsets.bias] == pytest.approx(5e-5)
+    assert lr_of[model.my_backbone_proj.weight] == pytest.approx(1e-4)  # whole components only
+    assert lr_of[model.head.weight] == pytest.approx(1e-4)
+
+
+def test_common_optimizer_config_builds_adamw():
+    from detectron2.config import LazyConfig, instantiate
+
+    optimizer_cfg = LazyConfig.load(os.path.join(REPO, "configs/common/optim.py"), "AdamW")
+    model = _Named()
+    optimizer_cfg.params.model = model
+    opt = instantiate(optimizer_cfg)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["lr"] == 1e-4 and opt.defaults["weight_decay"] == 1e-4
+    lr_of = {p: g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[model.backbone.weight] == pytest.approx(1e-5)  # backbone x0.1 by default
+    assert lr_of[model.head.weight] == pytest.approx(1e-4)
+
+
+def _coco_schedule():
+    spec = importlib.util.spec_from_file_location("coco_schedule", os.path.join(REPO, "configs/common/coco_schedule.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_coco_epoch_schedules():
+    from detectron2.config import instantiate
+
+    sched = _coco_schedule()
+    assert sched.iters_per_epoch(16) == 7393  # ceil(118287 / 16)
+    assert sched.epochs_to_iters(50) == 50 * 7393
+    s = instantiate(sched.lr_multiplier_50ep)
+    total = sched.epochs_to_iters(50)
+    drop = sched.epochs_to_iters(40)
+    assert s((drop - 1) / total) == 1.0 and s(drop / total) == pytest.approx(0.1)
+
+    # AdaMixer-style 1x: warmup, then x0.1 at epochs 8 and 11.
+    s = instantiate(sched.default_coco_epoch_scheduler(12, [8, 11], warmup_iters=500))
+    total = sched.epochs_to_iters(12)
+    assert s(0.0) == pytest.approx(0.001)
+    assert s(500 / total) == pytest.approx(1.0)
+    assert s(sched.epochs_to_iters(8) / total) == pytest.approx(0.1)
+    assert s(sched.epochs_to_iters(11) / total) == pytest.approx(0.01)
+    with pytest.raises(ValueError):
+        sched.default_coco_epoch_scheduler(12, 12)
