@@ -49,6 +49,9 @@ __all__ = [
     "concat_qkv",
     "coco91_to_contiguous_rows",
     "select_class_rows",
+    "resolve_classes_option",
+    "apply_overrides",
+    "overrides_to_cli",
 ]
 
 StateDict = Dict[str, torch.Tensor]
@@ -300,3 +303,17 @@ def resolve_classes_option(classes: str, config: dict, num_labels: int) -> str:
     if num_labels == 91 and id2label.get("1", "person").lower() == "person":
         return "coco80"
     return "keep"
+
+
+def apply_overrides(cfg, overrides: Dict[str, Any]):
+    """Sets dotted-key ``overrides`` (as returned by a converter) on a LazyConfig."""
+    from omegaconf import OmegaConf
+
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def overrides_to_cli(overrides: Dict[str, Any]):
+    """``{"model.num_queries": 100}`` -> ``["model.num_queries=100"]`` for ``train_net.py``."""
+    return [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in overrides.items()]

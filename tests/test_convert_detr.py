@@ -1,0 +1,201 @@
+"""Hugging Face DetrForObjectDetection -> d2detr DETR: same outputs after conversion.
+
+Randomly initialised transformers models (no download: timm / HF ResNet
+backbones built without pretrained weights) are converted with
+``d2detr.checkpoint``; our DETR, built from ``projects/detr/configs/models/detr_r50.py``
+with the converter's overrides, must give the same class logits and boxes for
+every query on the same normalised images (1e-4).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("timm")
+
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import LazyConfig, instantiate  # noqa: E402
+
+from d2detr.checkpoint import (  # noqa: E402
+    apply_overrides,
+    coco91_to_contiguous_rows,
+    convert_hf_checkpoint,
+    get_converter,
+    load_hf_checkpoint,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_CFG = os.path.join(ROOT, "projects/detr/configs/models/detr_r50.py")
+SMALL = dict(
+    num_queries=7, encoder_layers=2, decoder_layers=2, d_model=64,
+    encoder_attention_heads=4, decoder_attention_heads=4,
+    encoder_ffn_dim=96, decoder_ffn_dim=96, num_labels=5,
+)
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """HF initialises linear layers and query embeddings with std 0.02 (queries
+    then barely differ), biases and LayerNorms to 0/1 and the frozen BN to the
+    identity: redraw them all, so a swapped or dropped tensor cannot go unnoticed."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(t, scale):
+        return torch.randn(t.shape, generator=g) * scale
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(rnd(p, 0.1))
+            elif p.dim() == 2:  # linear layers (fan-in scaled) and the query embeddings
+                p.copy_(rnd(p, 1.0 if "query_position" in name else p.shape[1] ** -0.5))
+        for name, m in model.named_modules():
+            if type(m).__name__.endswith("FrozenBatchNorm2d"):
+                m.weight.copy_(1 + rnd(m.weight, 0.2))
+                m.bias.copy_(rnd(m.bias, 0.1))
+                m.running_mean.copy_(rnd(m.running_mean, 0.1))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def _hf_model(seed=0, **kwargs):
+    from transformers import DetrConfig, DetrForObjectDetection
+
+    torch.manual_seed(seed)
+    cfg = DetrConfig(**{**SMALL, **kwargs})
+    model = DetrForObjectDetection(cfg).eval()
+    _randomize(model, seed)
+    return model
+
+
+def _our_model(overrides):
+    cfg = LazyConfig.load(MODEL_CFG)
+    apply_overrides(cfg, overrides)
+    return instantiate(cfg.model).eval()
+
+
+def _inputs():
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 96)
+    pixel_mask = torch.ones(2, 64, 96, dtype=torch.long)
+    pixel_mask[1, 48:, :] = 0  # second image: 48x64 padded to 64x96
+    pixel_mask[1, :, 64:] = 0
+    x = x * pixel_mask[:, None]
+    return x, pixel_mask
+
+
+def _compare(hf, ours, x, pixel_mask, atol=1e-4):
+    with torch.no_grad():
+        ref = hf(pixel_values=x, pixel_mask=pixel_mask)
+        out = ours.forward_features(x, pixel_mask == 0)
+    assert out["pred_logits"].shape == ref.logits.shape
+    assert out["pred_boxes"].shape == ref.pred_boxes.shape
+    torch.testing.assert_close(out["pred_logits"], ref.logits, atol=atol, rtol=0)
+    torch.testing.assert_close(out["pred_boxes"], ref.pred_boxes, atol=atol, rtol=0)
+    # the test is meaningless if every query says the same thing
+    assert ref.logits.std(dim=1).min() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(use_timm_backbone=True, backbone="resnet18", use_pretrained_backbone=False),
+        dict(use_timm_backbone=True, backbone="resnet50", use_pretrained_backbone=False, dilation=True),
+    ],
+    ids=["timm-r18", "timm-r50-dc5"],
+)
+def test_hf_detr_parity(kwargs):
+    hf = _hf_model(**kwargs)
+    sd, overrides = convert_hf_checkpoint(hf.state_dict(), hf.config)
+    assert overrides["model.num_classes"] == 5 and overrides["model.num_queries"] == 7
+    assert overrides["model.backbone.depth"] == (18 if kwargs["backbone"] == "resnet18" else 50)
+    assert overrides["model.backbone.dc5"] == kwargs.get("dilation", False)
+    ours = _our_model(overrides)
+    ours.load_state_dict(sd, strict=True)
+    x, pixel_mask = _inputs()
+    _compare(hf, ours, x, pixel_mask)
+
+
+def test_hf_detr_parity_transformers_resnet_backbone():
+    """transformers' own ResNetBackbone (the "no_timm" checkpoints) converts as well."""
+    from transformers import ResNetConfig
+
+    bb = ResNetConfig(
+        depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512], layer_type="basic",
+        embedding_size=64, out_features=["stage4"],
+    )
+    hf = _hf_model(use_timm_backbone=False, backbone_config=bb, seed=3)
+    sd, overrides = convert_hf_checkpoint(hf.state_dict(), hf.config)
+    assert overrides["model.backbone.depth"] == 18
+    ours = _our_model(overrides)
+    ours.load_state_dict(sd, strict=True)
+    _compare(hf, ours, *_inputs())
+
+
+def test_convert_cli_folder_roundtrip(tmp_path):
+    """save_pretrained folder -> tools/convert_checkpoint.py -> .pth that
+    DetectionCheckpointer loads into the model the overrides describe."""
+    hf = _hf_model(use_timm_backbone=True, backbone="resnet18", use_pretrained_backbone=False, seed=5)
+    hf.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "detr.pth"
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools/convert_checkpoint.py"), str(tmp_path / "hf"), str(out),
+         "--config-file", MODEL_CFG],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "model.num_queries=7" in res.stdout
+    ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    assert set(ckpt) >= {"model", "__author__", "overrides"}
+    ours = _our_model(ckpt["overrides"])
+    incompatible = DetectionCheckpointer(ours).load(str(out))
+    assert incompatible is not None
+    _compare(hf, ours.eval(), *_inputs())
+
+
+def test_single_file_without_config(tmp_path):
+    """A bare weight file: the model type and the sizes are read off the tensors."""
+    from safetensors.torch import save_file
+
+    hf = _hf_model(use_timm_backbone=True, backbone="resnet18", use_pretrained_backbone=False, seed=7)
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(path))
+    sd_in, cfg = load_hf_checkpoint(str(path))
+    assert cfg is None
+    # the number of heads is the one size the tensors do not tell
+    sd, overrides = convert_hf_checkpoint(sd_in, {"encoder_attention_heads": 4})
+    assert overrides["model.backbone.depth"] == 18
+    assert overrides["model.transformer.num_encoder_layers"] == 2
+    assert overrides["model.transformer.dim_feedforward"] == 96
+    ours = _our_model(overrides)
+    ours.load_state_dict(sd, strict=True)
+    _compare(hf, ours, *_inputs())
+
+
+def test_coco91_head_to_detectron2_contiguous():
+    """91-way COCO heads (facebook/detr-*) keep the 80 thing rows in Detectron2's order."""
+    hf = _hf_model(use_timm_backbone=True, backbone="resnet18", use_pretrained_backbone=False, num_labels=91)
+    cfg = hf.config.to_dict()
+    sd91, overrides91 = convert_hf_checkpoint(hf.state_dict(), cfg)  # LABEL_1 is no COCO head: kept
+    assert overrides91["model.num_classes"] == 91 and sd91["class_embed.weight"].shape[0] == 92
+    cfg["id2label"] = {str(i): n for i, n in enumerate(["N/A", "person"] + [f"c{i}" for i in range(2, 91)])}
+    sd80, overrides = convert_hf_checkpoint(hf.state_dict(), cfg)  # auto -> coco80
+    assert overrides["model.num_classes"] == 80
+    rows = coco91_to_contiguous_rows()
+    assert len(rows) == 80 and rows[0] == 1 and rows[-1] == 90
+    w91, w80 = sd91["class_embed.weight"], sd80["class_embed.weight"]
+    assert w80.shape == (81, w91.shape[1])
+    torch.testing.assert_close(w80[:80], w91[rows])
+    torch.testing.assert_close(w80[80], w91[91])  # no-object stays last
+    with pytest.raises(ValueError):
+        convert_hf_checkpoint(_hf_model(num_labels=5, use_timm_backbone=True, backbone="resnet18",
+                                        use_pretrained_backbone=False).state_dict(), None, classes="coco80")
+
+
+def test_registry_errors():
+    assert get_converter("detr").model_type == "detr"
+    with pytest.raises(KeyError):
+        get_converter("not_a_model")
+    with pytest.raises(KeyError):
+        convert_hf_checkpoint({"foo": torch.zeros(1)}, {"model_type": "detr"})
