@@ -4,7 +4,8 @@ Randomly initialised transformers models (no download: timm / HF ResNet
 backbones built without pretrained weights) are converted with
 ``d2detr.checkpoint``; our DETR, built from ``projects/detr/configs/models/detr_r50.py``
 with the converter's overrides, must give the same class logits and boxes for
-every query on the same normalised images (1e-4).
+every query on the same normalised images (1e-4). Also: torchvision ImageNet
+ResNets (backbone initialisation) and the official facebookresearch/detr layout.
 """
 import os
 import subprocess
@@ -199,3 +200,73 @@ def test_registry_errors():
         get_converter("not_a_model")
     with pytest.raises(KeyError):
         convert_hf_checkpoint({"foo": torch.zeros(1)}, {"model_type": "detr"})
+
+
+def _torchvision_resnet18(seed=0):
+    import torchvision
+
+    torch.manual_seed(seed)
+    tv = torchvision.models.resnet18(weights=None).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return tv
+
+
+def _tv_res5(tv, x):
+    with torch.no_grad():
+        x = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+        return tv.layer4(tv.layer3(tv.layer2(tv.layer1(x))))
+
+
+def test_torchvision_resnet_initialises_the_backbone(tmp_path):
+    """An ImageNet torchvision ResNet .pth -> train.init_checkpoint for DETR's backbone."""
+    tv = _torchvision_resnet18()
+    src = tmp_path / "resnet18.pth"
+    torch.save(tv.state_dict(), src)
+    sd, cfg = load_hf_checkpoint(str(src))
+    state_dict, overrides = convert_hf_checkpoint(sd, cfg)
+    assert overrides == {"model.backbone.depth": 18}
+    assert all(k.startswith("backbone.") for k in state_dict)
+    out = tmp_path / "r18.pth"
+    from d2detr.checkpoint import save_checkpoint
+
+    save_checkpoint(str(out), state_dict, overrides=overrides)
+    ours = _our_model({**overrides, "model.num_classes": 3, "model.transformer.num_encoder_layers": 1,
+                       "model.transformer.num_decoder_layers": 1})
+    incompatible = DetectionCheckpointer(ours).load(str(out))
+    assert incompatible is not None
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        res5 = ours.backbone(x)["res5"]
+    torch.testing.assert_close(res5, _tv_res5(tv, x), atol=1e-4, rtol=1e-4)
+
+
+def test_official_detr_checkpoint_layout():
+    """facebookresearch/detr names (backbone.0.body.*, transformer.* as ours)."""
+    tv = _torchvision_resnet18(seed=1)
+    overrides = {"model.backbone.depth": 18, "model.num_classes": 91, "model.num_queries": 7,
+                 "model.position_embedding.num_pos_feats": 32, "model.transformer.d_model": 64,
+                 "model.transformer.num_encoder_layers": 2, "model.transformer.num_decoder_layers": 2,
+                 "model.transformer.dim_feedforward": 96, "model.transformer.nhead": 4}
+    reference = _our_model(overrides)
+    official = {"backbone.0.body." + k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")}
+    official.update({k: v for k, v in reference.state_dict().items() if not k.startswith("backbone.")})
+    sd, got = convert_hf_checkpoint({"model": official}["model"], None, classes="keep")
+    assert got["model.backbone.depth"] == 18 and got["model.num_queries"] == 7
+    assert got["model.transformer.num_decoder_layers"] == 2 and got["model.num_classes"] == 91
+    ours = _our_model(overrides)
+    ours.load_state_dict(sd, strict=True)
+    for k, v in reference.state_dict().items():
+        if not k.startswith("backbone."):
+            assert torch.equal(sd[k], v), k
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.backbone(x)["res5"], _tv_res5(tv, x), atol=1e-4, rtol=1e-4)
+    sd80, got80 = convert_hf_checkpoint(official, None)  # auto: 91 COCO ids -> 80
+    assert got80["model.num_classes"] == 80 and sd80["class_embed.weight"].shape[0] == 81

@@ -1,7 +1,9 @@
 """Converters from other checkpoint formats to d2detr state dicts.
 
 A small registry keyed by the Hugging Face config's ``model_type``
-(``"detr"``, ``"deformable_detr"``, ``"conditional_detr"``, ``"dab-detr"``).
+(``"detr"``, ``"deformable_detr"``, ``"conditional_detr"``, ``"dab-detr"``), plus
+sources outside Hugging Face (``"torchvision_resnet"`` ImageNet backbones,
+``"detr_official"`` facebookresearch/detr checkpoints).
 Each entry holds
 
 - ``convert(hf_state_dict, hf_config, **options) -> d2detr state_dict``
@@ -72,6 +74,9 @@ _BUILTIN_MODULES = {
     "deformable_detr": "d2detr.checkpoint.hf_deformable_detr",
     "conditional_detr": "d2detr.checkpoint.hf_conditional_detr",
     "dab-detr": "d2detr.checkpoint.hf_dab_detr",
+    # not Hugging Face: ImageNet backbones and the official DETR release
+    "torchvision_resnet": "d2detr.checkpoint.official",
+    "detr_official": "d2detr.checkpoint.official",
 }
 
 
@@ -124,7 +129,11 @@ def _load_weight_file(path: str) -> StateDict:
         from safetensors.torch import load_file
 
         return load_file(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    import argparse
+
+    # official DETR-family checkpoints carry their argparse "args" beside the weights
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        sd = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict"):  # {"model": ...} wrappers (official DETR, Lightning)
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
