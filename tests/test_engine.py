@@ -22,9 +22,9 @@ def batch(tmp_path_factory):
     return [mapper(d) for d in DatasetCatalog.get("toy_train")]
 
 
-def _trainer(batch, **kwargs):
+def _trainer(batch, nan_at_iter=-1, **kwargs):
     torch.manual_seed(0)
-    model = TinyDetector(**{k: kwargs.pop(k) for k in ("nan_at_iter",) if k in kwargs})
+    model = TinyDetector(nan_at_iter=nan_at_iter)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loader = iter(lambda: batch, None)  # the same batch forever
     return DetrTrainer(model, loader, optimizer, **kwargs)
@@ -206,3 +206,38 @@ def test_coco_epoch_schedules():
     assert s(sched.epochs_to_iters(11) / total) == pytest.approx(0.01)
     with pytest.raises(ValueError):
         sched.default_coco_epoch_scheduler(12, 12)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _cuda_trainer(batch, **kwargs):
+    torch.manual_seed(0)
+    model = TinyDetector().cuda()  # the trainer takes its device (and GradScaler) from the model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return DetrTrainer(model, iter(lambda: batch, None), optimizer, **kwargs)
+
+
+@cuda
+def test_fp16_amp_on_cuda_uses_a_grad_scaler(batch):
+    trainer = _cuda_trainer(batch, amp=True, clip_grad_max_norm=0.1)
+    assert trainer.amp_dtype == torch.float16 and trainer.grad_scaler is not None
+    seen = []
+    trainer.model.class_embed.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    before = _params(trainer.model)
+    storage = _step(trainer)
+    assert seen == [torch.float16]
+    assert storage.history("grad_norm").latest() > 0  # unscaled before clipping
+    after = _params(trainer.model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert "grad_scaler" in trainer.state_dict()
+
+
+@cuda
+def test_bf16_amp_on_cuda_needs_no_scaler(batch):
+    trainer = _cuda_trainer(batch, amp=True, amp_dtype="bfloat16")
+    assert trainer.grad_scaler is None
+    seen = []
+    trainer.model.class_embed.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    _step(trainer)
+    assert seen == [torch.bfloat16]

@@ -4,6 +4,7 @@
 import glob
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -96,7 +97,9 @@ def test_resume_after_kill_continues_exactly(tmp_path):
     out = tmp_path / "run" / "output"
     cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
-    killed = subprocess.run(cmd + opts + ["model.kill_at_iter=4"], env=env, capture_output=True, text=True)
+    killed = subprocess.run(
+        cmd + opts + ["model.kill_at_iter=4"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not (out / "model_final.pth").exists()
     assert (out / "last_checkpoint").read_text().strip() == "model_0000003.pth"
@@ -133,16 +136,31 @@ def _ddp_worker(config, dump_dir):
     args = _args(config, num_gpus=2)
     trainer = do_train(args, setup(args))
     state = {k: v.detach().clone() for k, v in trainer.model.module.state_dict().items()}
+    # Then a NaN loss on rank 1 only: both workers must stop at that iteration
+    # (rank 0 would otherwise wait forever in DDP's gradient all-reduce).
+    args = _args(config, "model.nan_at_iter=1", "model.nan_rank=1", f"train.output_dir={dump_dir}/nan", num_gpus=2)
+    try:
+        do_train(args, setup(args))
+        nan_error = None
+    except FloatingPointError as e:
+        nan_error = str(e)
     torch.save(
-        {"model": state, "optimizer": trainer.optimizer.state_dict(), "world_size": comm.get_world_size()},
+        {
+            "model": state,
+            "optimizer": trainer.optimizer.state_dict(),
+            "world_size": comm.get_world_size(),
+            "nan_error": nan_error,
+        },
         os.path.join(dump_dir, f"rank{comm.get_rank()}.pth"),
     )
 
 
+@pytest.mark.timeout(600)
 def test_two_cpu_workers_keep_replicas_identical(tmp_path):
     """Two gloo workers, each on its own image and seeded differently (seed + rank):
     after a few steps both ranks hold the same weights and optimizer state, which only
-    holds if DDP broadcast the initial weights and averaged the gradients."""
+    holds if DDP broadcast the initial weights and averaged the gradients. A NaN loss on
+    one worker stops both at the same iteration."""
     config = write_toy_config(tmp_path, max_iter=3, eval_period=0, device="cpu")
     assert load_config(_args(config)).train.device == "cpu"
     launch(_ddp_worker, 2, dist_url="auto", args=(config, str(tmp_path)), device="cpu")
@@ -153,3 +171,84 @@ def test_two_cpu_workers_keep_replicas_identical(tmp_path):
     _assert_same(r0["model"], _load(str(tmp_path / "output" / "model_final.pth"))["model"])
     early = _load(str(tmp_path / "output" / "model_0000001.pth"))["model"]
     assert any(not torch.equal(early[k], r0["model"][k]) for k in early), "no training happened"
+    for r in (r0, r1):
+        assert r["nan_error"] is not None and "iteration=1 on at least one worker" in r["nan_error"]
+
+
+def _write_real_config(tmp_path):
+    """Deformable DETR (MobileNetV2, the CPU-sized variant) composed with
+    configs/common/{data/coco_detr,optim,train}.py, on the toy datasets at toy sizes."""
+    common = os.path.join(REPO, "configs", "common")
+    text = f"""
+import sys
+sys.path.insert(0, {os.path.join(REPO, "tests")!r})
+from detectron2.config import LazyCall as L, LazyConfig
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+from test_train_toy import register_toy_datasets
+
+register_toy_datasets({str(tmp_path / "data")!r})
+model = LazyConfig.load({os.path.join(REPO, "projects/deformable_detr/configs/models/deformable_detr_mobilenetv2.py")!r}, "model")
+model.backbone.pretrained = False
+model.num_classes = 2
+model.num_queries = 10
+model.transformer.encoder.num_layers = model.transformer.decoder.num_layers = 1
+dataloader = LazyConfig.load({os.path.join(common, "data", "coco_detr.py")!r}, "dataloader")
+dataloader.train.dataset.names = "toy_train"
+dataloader.test.dataset.names = "toy_val"
+dataloader.train.total_batch_size = 2
+dataloader.train.num_workers = dataloader.test.num_workers = 0
+dataloader.train.mapper.augmentation.min_sizes = [48]
+dataloader.train.mapper.augmentation.max_size = 96
+dataloader.train.mapper.augmentation_with_crop.update(
+    min_sizes=[48], max_size=96, crop_resize_sizes=[48], crop_size=[32, 48])
+dataloader.test.mapper.augmentation.update(min_size=48, max_size=96)
+optimizer = LazyConfig.load({os.path.join(common, "optim.py")!r}, "AdamW")
+optimizer.lr = 2e-4
+optimizer.params.lr_factor_func.factors = dict(backbone=0.1, sampling_offsets=0.1, reference_points=0.1)
+lr_multiplier = L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[40], num_updates=50)
+train = LazyConfig.load({os.path.join(common, "train.py")!r}, "train")
+train.update(output_dir={str(tmp_path / "output")!r}, max_iter=1, device="cpu", seed=3, log_period=1,
+             eval_period=0, checkpointer=dict(period=100, max_to_keep=1))
+"""
+    path = tmp_path / "deformable_toy.py"
+    path.write_text(text)
+    return str(path)
+
+
+def test_real_deformable_detr_with_common_configs(tmp_path):
+    """The shared configs drive a real model: DetrDatasetMapper pipeline, the AdamW
+    param groups (backbone and sampling-offset/reference-point projections at 0.1 x lr),
+    clipping, checkpoint and COCO evaluation."""
+    config = _write_real_config(tmp_path)
+    main(_args(config))
+    out = str(tmp_path / "output")
+    rows = _metrics(out)
+    train_rows = [r for r in rows if "total_loss" in r]
+    assert len(train_rows) == 1 and all(math.isfinite(r["total_loss"]) for r in train_rows)
+    assert {"loss_class", "loss_bbox", "loss_giou"} <= train_rows[0].keys()
+    assert "bbox/AP" in rows[-1]
+
+    ckpt = _load(os.path.join(out, "model_final.pth"))
+    groups = ckpt["trainer"]["optimizer"]["param_groups"]
+    assert sorted({g["initial_lr"] for g in groups}) == pytest.approx([2e-5, 2e-4])
+    names = [n for n, p in _named_trainable(config)]
+    lr_of = {}
+    for g in groups:
+        for idx in g["params"]:
+            lr_of[names[idx]] = g["initial_lr"]
+    for name, lr in lr_of.items():
+        slow = name.startswith("backbone.") or "sampling_offsets" in name or "reference_points" in name
+        assert lr == pytest.approx(2e-5 if slow else 2e-4), name
+
+
+def _named_trainable(config):
+    """Parameter names in the optimizer's order (get_default_optimizer_params's order
+    before grouping is lost; rebuild it the way the optimizer saw it)."""
+    from detectron2.config import instantiate
+
+    cfg = load_config(_args(config))
+    model = instantiate(cfg.model)
+    cfg.optimizer.params.model = model
+    opt = instantiate(cfg.optimizer)
+    index = {id(p): n for n, p in model.named_parameters()}
+    return [(index[id(p)], p) for g in opt.param_groups for p in g["params"]]

@@ -8,7 +8,8 @@ matching, but is small enough to train for a few iterations in well under a seco
 composed from ``configs/common/{train,optim,coco_schedule}.py``.
 
 Hooks for failure tests: ``nan_at_iter`` turns the loss into NaN at that training
-iteration; ``kill_at_iter`` SIGKILLs the process when that iteration starts
+iteration (on
+rank ``nan_rank`` only, if given); ``kill_at_iter`` SIGKILLs the process when that iteration starts
 (a simulated crash that leaves no chance to clean up).
 """
 import os
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.utils import comm
 from detectron2.structures import Boxes, BoxMode, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from scipy.optimize import linear_sum_assignment
@@ -33,10 +35,13 @@ TOY_IMAGE_SIZE = (48, 64)  # H, W
 
 
 class TinyDetector(nn.Module):
-    def __init__(self, num_classes=2, num_queries=4, hidden_dim=16, nan_at_iter=-1, kill_at_iter=-1):
+    def __init__(
+        self, num_classes=2, num_queries=4, hidden_dim=16, nan_at_iter=-1, nan_rank=-1, kill_at_iter=-1
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.nan_at_iter = nan_at_iter
+        self.nan_rank = nan_rank
         self.kill_at_iter = kill_at_iter
         self.backbone = nn.Sequential(
             nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.Conv2d(8, hidden_dim, 3, stride=2), nn.ReLU()
@@ -89,7 +94,7 @@ class TinyDetector(nn.Module):
         loss_ce = F.cross_entropy(logits.float().transpose(1, 2), target_classes, self.empty_weight)
         loss_bbox = F.l1_loss(torch.cat(src_boxes).float(), torch.cat(tgt_boxes), reduction="sum") / num_boxes
         losses = {"loss_ce": loss_ce, "loss_bbox": 5.0 * loss_bbox}
-        if it == self.nan_at_iter:
+        if it == self.nan_at_iter and self.nan_rank in (-1, comm.get_rank()):
             losses["loss_bbox"] = losses["loss_bbox"] * float("nan")
         return losses
 
