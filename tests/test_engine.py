@@ -241,3 +241,43 @@ def test_bf16_amp_on_cuda_needs_no_scaler(batch):
     trainer.model.class_embed.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     _step(trainer)
     assert seen == [torch.bfloat16]
+
+
+class _OneWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def forward(self, inputs):
+        return [{"w": self.w.item()} for _ in inputs]
+
+
+class _RecordW:
+    """A DatasetEvaluator that reports the weight the model evaluated with."""
+
+    def reset(self):
+        self.seen = []
+
+    def process(self, inputs, outputs):
+        self.seen += [o["w"] for o in outputs]
+
+    def evaluate(self):
+        return {"w": self.seen}
+
+
+def test_do_test_evaluates_the_ema_weights_and_restores_the_model(tmp_path):
+    from detectron2.config import LazyCall as L
+    from omegaconf import OmegaConf
+
+    from d2detr.engine import do_test
+
+    model = _OneWeight()
+    ema = ModelEMA(model, decay=0.5)  # EMA at 0
+    with torch.no_grad():
+        model.w.fill_(4.0)
+    ema.update(model)  # EMA at 2
+    cfg = OmegaConf.create({"train": {"output_dir": str(tmp_path)}})
+    cfg.dataloader = {"test": [[{}], [{}]], "evaluator": L(_RecordW)()}
+    assert do_test(cfg, model, ema) == {"w": [2.0, 2.0]}
+    assert do_test(cfg, model) == {"w": [4.0, 4.0]}
+    assert model.w.item() == 4.0

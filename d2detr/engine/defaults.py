@@ -22,6 +22,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import create_ddp_model, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from omegaconf import OmegaConf
 
 from .ema import ModelEMA
@@ -58,9 +59,11 @@ def load_config(args):
 
 
 def setup(args):
-    """Loads the config and runs Detectron2's ``default_setup`` (logging, seed, config.yaml)."""
+    """Loads the config and runs Detectron2's ``default_setup`` (logging, seed,
+    config.yaml); d2detr's own loggers go to the same console and log file."""
     cfg = load_config(args)
     default_setup(cfg, args)
+    setup_logger(_get(cfg, "train.output_dir"), distributed_rank=comm.get_rank(), name="d2detr")
     return cfg
 
 
