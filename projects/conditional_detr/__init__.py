@@ -1,0 +1,1 @@
+"""Conditional DETR (Meng et al., ICCV 2021) as a d2detr project: ``d2detr.projects.conditional_detr``."""

@@ -1,0 +1,167 @@
+"""Hugging Face ConditionalDetrForObjectDetection -> d2detr ConditionalDETR: same outputs.
+
+Randomly initialised transformers models (timm ResNets built without pretrained weights,
+no download) are converted with ``d2detr.checkpoint``; our ConditionalDETR, built from
+``projects/conditional_detr/configs/models/conditional_detr_r50.py`` with the converter's
+overrides, must give the same class logits and boxes for every query (1e-4).
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("timm")
+
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import LazyConfig, instantiate  # noqa: E402
+
+from d2detr.checkpoint import (  # noqa: E402
+    apply_overrides,
+    coco91_to_contiguous_rows,
+    convert_hf_checkpoint,
+    detect_model_type,
+    get_converter,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_CFG = os.path.join(ROOT, "projects/conditional_detr/configs/models/conditional_detr_r50.py")
+SMALL = dict(
+    num_queries=9, encoder_layers=2, decoder_layers=2, d_model=64,
+    encoder_attention_heads=4, decoder_attention_heads=4,
+    encoder_ffn_dim=96, decoder_ffn_dim=96, num_labels=5,
+)
+TIMM_R18 = dict(use_timm_backbone=True, backbone="resnet18", use_pretrained_backbone=False)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Redraws every parameter and the frozen-BN statistics (HF initialises many to 0/1
+    or identical values), so a swapped or dropped tensor cannot go unnoticed."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(t, scale):
+        return torch.randn(t.shape, generator=g) * scale
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(rnd(p, 0.1))
+            elif p.dim() == 2:  # linear layers (fan-in scaled) and the query embeddings
+                p.copy_(rnd(p, 1.0 if "embeddings" in name else p.shape[1] ** -0.5))
+        for name, m in model.named_modules():
+            if type(m).__name__.endswith("FrozenBatchNorm2d"):
+                m.weight.copy_(1 + rnd(m.weight, 0.2))
+                m.bias.copy_(rnd(m.bias, 0.1))
+                m.running_mean.copy_(rnd(m.running_mean, 0.1))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def hf_model(seed=0, **kwargs):
+    from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection
+
+    torch.manual_seed(seed)
+    cfg = ConditionalDetrConfig(**{**SMALL, **TIMM_R18, **kwargs})
+    model = ConditionalDetrForObjectDetection(cfg).eval()
+    randomize(model, seed)
+    return model
+
+
+def our_model(overrides):
+    cfg = LazyConfig.load(MODEL_CFG)
+    apply_overrides(cfg, overrides)
+    return instantiate(cfg.model).eval()
+
+
+def inputs():
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 96)
+    pixel_mask = torch.ones(2, 64, 96, dtype=torch.long)
+    pixel_mask[1, 48:, :] = 0  # second image: 48x64 padded to 64x96
+    pixel_mask[1, :, 64:] = 0
+    return x * pixel_mask[:, None], pixel_mask
+
+
+def compare(hf, ours, x, pixel_mask, atol=1e-4):
+    with torch.no_grad():
+        ref = hf(pixel_values=x, pixel_mask=pixel_mask)
+        out = ours.forward_features(x, pixel_mask == 0)
+    assert out["pred_logits"].shape == ref.logits.shape
+    assert out["pred_boxes"].shape == ref.pred_boxes.shape
+    torch.testing.assert_close(out["pred_logits"], ref.logits, atol=atol, rtol=0)
+    torch.testing.assert_close(out["pred_boxes"], ref.pred_boxes, atol=atol, rtol=0)
+    # meaningless if every query said the same thing
+    assert ref.logits.std(dim=1).min() > 1e-3 and ref.pred_boxes[..., :2].std(dim=1).min() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(backbone="resnet50", dilation=True, decoder_layers=3)],
+    ids=["timm-r18", "timm-r50-dc5-3dec"],
+)
+def test_hf_conditional_detr_parity(kwargs):
+    hf = hf_model(**kwargs)
+    sd, overrides = convert_hf_checkpoint(hf.state_dict(), hf.config)
+    assert overrides["model.num_classes"] == 5 and overrides["model.num_queries"] == 9
+    assert overrides["model.backbone.depth"] == (50 if kwargs else 18)
+    assert overrides["model.backbone.dc5"] == kwargs.get("dilation", False)
+    ours = our_model(overrides)
+    ours.load_state_dict(sd, strict=True)
+    compare(hf, ours, *inputs())
+
+
+def test_hub_layout_converts_too():
+    """The transformers 4 key layout of the Hub checkpoints (sa_*/ca_* on the layer,
+    conv_encoder, out_proj, fc1) gives the same model."""
+    hf = hf_model(seed=2)
+    sd_new = hf.state_dict()
+    legacy = {}
+    for k, v in sd_new.items():
+        k = k.replace("model.backbone.", "model.backbone.conv_encoder.")
+        k = re.sub(r"\.o_proj\.", ".out_proj.", k)
+        k = re.sub(r"\.mlp\.fc([12])\.", r".fc\1.", k)
+        k = re.sub(r"self_attn\.(q|k)_content_proj", r"sa_\1content_proj", k)
+        k = re.sub(r"self_attn\.(q|k)_pos_proj", r"sa_\1pos_proj", k)
+        k = re.sub(r"decoder\.layers\.(\d+)\.self_attn\.v_proj", r"decoder.layers.\1.sa_v_proj", k)
+        k = re.sub(r"encoder_attn\.q_pos_sine_proj", "ca_qpos_sine_proj", k)
+        k = re.sub(r"encoder_attn\.(q|k)_content_proj", r"ca_\1content_proj", k)
+        k = re.sub(r"encoder_attn\.(q|k)_pos_proj", r"ca_\1pos_proj", k)
+        k = re.sub(r"encoder_attn\.v_proj", "ca_v_proj", k)
+        legacy[k] = v
+    assert "model.decoder.layers.0.sa_qcontent_proj.weight" in legacy
+    assert detect_model_type(legacy) == "conditional_detr"
+    sd, overrides = convert_hf_checkpoint(legacy, {"encoder_attention_heads": 4})
+    ours = our_model(overrides)
+    ours.load_state_dict(sd, strict=True)
+    compare(hf, ours, *inputs())
+
+
+def test_convert_cli_roundtrip(tmp_path):
+    hf = hf_model(seed=5)
+    hf.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "cond.pth"
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools/convert_checkpoint.py"), str(tmp_path / "hf"), str(out),
+         "--config-file", MODEL_CFG],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "conditional_detr" in res.stdout and "model.num_queries=9" in res.stdout
+    ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    ours = our_model(ckpt["overrides"])
+    DetectionCheckpointer(ours).load(str(out))
+    compare(hf, ours.eval(), *inputs())
+
+
+def test_coco91_head_to_detectron2_contiguous():
+    hf = hf_model(num_labels=91)
+    cfg = hf.config.to_dict()
+    cfg["id2label"] = {str(i): n for i, n in enumerate(["N/A", "person"] + [f"c{i}" for i in range(2, 91)])}
+    sd80, overrides = convert_hf_checkpoint(hf.state_dict(), cfg)
+    assert overrides["model.num_classes"] == 80
+    w91 = hf.state_dict()["class_labels_classifier.weight"]
+    assert sd80["class_embed.weight"].shape == (80, w91.shape[1])  # sigmoid head: no no-object row
+    torch.testing.assert_close(sd80["class_embed.weight"], w91[coco91_to_contiguous_rows()])
+    assert get_converter("conditional_detr").model_type == "conditional_detr"
