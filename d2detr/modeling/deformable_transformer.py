@@ -195,9 +195,10 @@ class DeformableTransformerEncoder(nn.Module):
         reference_points_list = []
         device, dtype = valid_ratios.device, valid_ratios.dtype
         for lvl, (H, W) in enumerate(spatial_shapes_list):
+            # arange + 0.5 == linspace(0.5, H - 0.5, H), and keeps H symbolic under torch.export
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, H - 0.5, H, dtype=dtype, device=device),
-                torch.linspace(0.5, W - 0.5, W, dtype=dtype, device=device),
+                torch.arange(H, dtype=dtype, device=device) + 0.5,
+                torch.arange(W, dtype=dtype, device=device) + 0.5,
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * H)
@@ -334,7 +335,11 @@ def flatten_multi_level(
     src_flatten = torch.cat(src_flatten, 1)
     mask_flatten = torch.cat(mask_flatten, 1)
     lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)
-    spatial_shapes = torch.as_tensor(spatial_shapes_list, dtype=torch.long, device=src_flatten.device)
+    # torch.full keeps the sizes dynamic under torch.jit.trace and torch.export (torch.as_tensor
+    # would record them as constants / specialise them)
+    spatial_shapes = torch.stack(
+        [torch.stack([torch.full((), s, dtype=torch.long, device=src_flatten.device) for s in hw]) for hw in spatial_shapes_list]
+    )
     level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
     valid_ratios = torch.stack([get_valid_ratio(m) for m in masks], 1).to(src_flatten.dtype)
     return (
@@ -370,8 +375,8 @@ def gen_encoder_output_proposals(
         valid_H = torch.sum(~mask_flatten_[:, :, 0, 0], 1)
         valid_W = torch.sum(~mask_flatten_[:, 0, :, 0], 1)
         grid_y, grid_x = torch.meshgrid(
-            torch.linspace(0, H - 1, H, dtype=memory.dtype, device=memory.device),
-            torch.linspace(0, W - 1, W, dtype=memory.dtype, device=memory.device),
+            torch.arange(H, dtype=memory.dtype, device=memory.device),  # == linspace(0, H - 1, H)
+            torch.arange(W, dtype=memory.dtype, device=memory.device),
             indexing="ij",
         )
         grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
