@@ -1,0 +1,7 @@
+"""Single-scale Deformable DETR R50 (res5 only), 50 epochs on COCO (the paper: 39.4 AP).
+
+The recipe of deformable_detr_r50_50ep.py; only the model differs."""
+from .deformable_detr_r50_50ep import dataloader, lr_multiplier, optimizer, train
+from .models.deformable_detr_single_scale_r50 import model
+
+train.output_dir = "./output/deformable_detr_single_scale_r50_50ep"
