@@ -120,7 +120,16 @@ def test_aux_outputs_follow_aux_loss_flag():
     assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
 
 
-def test_overfits_two_images():
+@pytest.fixture
+def one_thread():
+    """Tiny ops gain nothing from threads, and lose a lot when the 2 CPU cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_overfits_two_images(one_thread):
     # backbone frozen for speed: the transformer, projections and heads must learn the boxes
     model = tiny_detr(**{"model.transformer.dropout": 0.0, "model.backbone.freeze_at": 5})
     batch = synthetic_batch()

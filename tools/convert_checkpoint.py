@@ -9,8 +9,10 @@ SOURCE is a Hugging Face model folder (``config.json`` + ``model.safetensors`` o
 ``config.json`` beside it, otherwise the sizes are read off the tensors and the
 number of attention heads defaults to 8). Supported ``model_type``s:
 ``detr`` (DetrForObjectDetection / DetrForSegmentation's detector),
-``deformable_detr`` (plain, box refinement, two-stage), and whatever else is
-registered in ``d2detr.checkpoint``.
+``deformable_detr`` (plain, box refinement, two-stage), whatever else is
+registered in ``d2detr.checkpoint``, and two non-HF sources recognised by
+their keys: ``torchvision_resnet`` (ImageNet ResNets -> backbone weights for
+``train.init_checkpoint``) and ``detr_official`` (facebookresearch/detr).
 
 OUTPUT.pth holds ``{"model": state_dict, "__author__": "d2detr", "overrides": {...}}``
 and loads with Detectron2's ``DetectionCheckpointer`` (``train.init_checkpoint=OUTPUT.pth``).
@@ -47,7 +49,8 @@ from d2detr.checkpoint import (  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Convert a Hugging Face DETR-family checkpoint to a d2detr .pth",
+        description="Convert a Hugging Face DETR-family checkpoint (or a torchvision ResNet, "
+                    "an official DETR checkpoint) to a d2detr .pth",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
@@ -55,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("output", help="output .pth")
     p.add_argument("--hf-config", default=None, help="config.json to use (default: the one beside the weights)")
     p.add_argument("--model-type", default=None,
-                   help="HF model_type, if neither a config nor the keys tell it "
+                   help="model_type, if neither a config nor the keys tell it "
                         f"(known: {', '.join(registered_model_types())})")
     p.add_argument("--classes", default="auto", choices=["auto", "keep", "coco80"],
                    help="class head: coco80 maps a 91-way COCO-id head to Detectron2's 80 classes; "
