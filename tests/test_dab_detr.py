@@ -1,0 +1,234 @@
+"""DAB-DETR (projects/dab_detr): the paper's model size, configs, anchor queries, losses,
+training, inference, patterns and export."""
+import glob
+import os
+
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.structures import Boxes, Instances
+
+from d2detr.checkpoint import apply_overrides
+from d2detr.modeling.conditional_transformer import gen_sineembed_for_position
+from d2detr.modeling.criterion import SetCriterion
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG_DIR = os.path.join(ROOT, "projects/dab_detr/configs")
+MODEL_CFG = os.path.join(CFG_DIR, "models/dab_detr_r50.py")
+TINY = {
+    "model.backbone.depth": 18,
+    "model.num_classes": 3,
+    "model.num_queries": 12,
+    "model.position_embedding.num_pos_feats": 32,
+    "model.transformer.d_model": 64,
+    "model.transformer.nhead": 4,
+    "model.transformer.num_encoder_layers": 2,
+    "model.transformer.num_decoder_layers": 3,
+    "model.transformer.dim_feedforward": 128,
+}
+
+
+def build(overrides=None, cfg_file=MODEL_CFG):
+    cfg = LazyConfig.load(cfg_file)
+    apply_overrides(cfg, overrides or {})
+    return instantiate(cfg.model)
+
+
+def tiny(**kwargs):
+    torch.manual_seed(0)
+    return build({**TINY, **kwargs})
+
+
+def synthetic_batch(n=2, size=64):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    boxes_per_image = [[[8, 10, 40, 50]], [[30, 4, 60, 30], [4, 36, 28, 60]]]
+    for i in range(n):
+        img = torch.randint(0, 60, (3, size, size), generator=g).to(torch.uint8)
+        boxes = torch.tensor(boxes_per_image[i % 2], dtype=torch.float32)
+        for j, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
+            img[j % 3, y0:y1, x0:x1] = 220
+        inst = Instances((size, size))
+        inst.gt_boxes = Boxes(boxes)
+        inst.gt_classes = torch.arange(len(boxes)) % 3
+        out.append({"image": img, "instances": inst, "height": size, "width": size})
+    return out
+
+
+def test_dab_detr_r50_has_the_papers_44m_parameters():
+    """At 91 COCO ids: 43,671,517 parameters, exactly transformers' DabDetr R50 (paper: 44M)."""
+    model = build({"model.num_classes": 91})
+    total = sum(p.numel() for p in model.parameters())
+    assert total == 43_671_517
+    assert 43.5 <= total / 1e6 <= 44.0
+    t = model.transformer
+    assert t.d_model == 256 and t.nhead == 8 and t.num_patterns == 0 and t.patterns is None
+    assert len(t.encoder.layers) == 6 and len(t.decoder.layers) == 6
+    assert isinstance(t.encoder.layers[0].activation, torch.nn.PReLU)
+    assert isinstance(t.decoder.layers[0].activation, torch.nn.PReLU)
+    assert t.decoder.layers[0].dropout.p == 0.0
+    assert model.position_embedding.temperature == 20
+    assert model.refpoint_embed.weight.shape == (300, 4)
+    assert t.decoder.ref_point_head.layers[0].in_features == 512  # MLP(PE(x, y, w, h))
+    assert t.decoder.bbox_embed is model.bbox_embed  # anchors refined by the shared box head
+    assert model.class_embed.out_features == 91
+    c = model.criterion
+    assert c.use_focal and c.weight_dict == {"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+    assert (c.matcher.cost_class, c.matcher.cost_bbox, c.matcher.cost_giou) == (2.0, 5.0, 2.0)
+    # 3 patterns add 3 x 256 parameters and triple the predictions
+    m3 = build({"model.num_classes": 91}, os.path.join(CFG_DIR, "models/dab_detr_r50_3patterns.py"))
+    assert sum(p.numel() for p in m3.parameters()) == total + 3 * 256
+
+
+@pytest.mark.parametrize("name", sorted(os.path.basename(f)[:-3] for f in glob.glob(os.path.join(CFG_DIR, "dab_detr_*ep.py"))))
+def test_configs_carry_the_official_recipe(name):
+    cfg = LazyConfig.load(os.path.join(CFG_DIR, name + ".py"))
+    assert cfg.model.backbone.depth == (101 if "r101" in name else 50)
+    assert cfg.model.backbone.dc5 == ("dc5" in name)
+    assert cfg.model.transformer.num_patterns == (3 if "3patterns" in name else 0)
+    assert cfg.model.num_queries == 300
+    assert cfg.optimizer.lr == 1e-4 and cfg.optimizer.weight_decay == 1e-4
+    assert dict(cfg.optimizer.params.lr_factor_func.factors) == {"backbone": 0.1}
+    assert cfg.train.clip_grad.params.max_norm == 0.1 and cfg.dataloader.train.total_batch_size == 16
+    assert cfg.train.max_iter == 50 * -(-118287 // 16)
+    sched = instantiate(cfg.lr_multiplier)
+    assert sched(39.5 / 50) == 1.0 and sched(40.5 / 50) == pytest.approx(0.1)
+    assert name in cfg.train.output_dir
+
+
+def test_dc5_r101_config_instantiates_with_optimizer():
+    cfg = LazyConfig.load(os.path.join(CFG_DIR, "dab_detr_r101_dc5_50ep.py"))
+    model = instantiate(cfg.model)
+    assert model.backbone.output_shape()["res5"].stride == 16
+    assert 62.0 < sum(p.numel() for p in model.parameters()) / 1e6 < 63.0  # paper: 63M
+    cfg.optimizer.params.model = model
+    opt = instantiate(cfg.optimizer)
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lrs[id(model.backbone.res5[0].conv1.weight)] == pytest.approx(1e-5)
+    assert lrs[id(model.refpoint_embed.weight)] == pytest.approx(1e-4)
+
+
+def test_first_layer_boxes_are_the_anchors_and_anchors_are_refined():
+    """Layer 0's anchors are sigmoid(refpoint_embed); with the box head at its zero
+    initialisation every layer's box equals its anchor; once the head predicts offsets,
+    layer i+1's anchors are layer i's boxes."""
+    model = tiny().eval()
+    images, masks = model.preprocess_image(synthetic_batch())
+    with torch.no_grad():
+        out = model.forward_features(images, masks)
+    anchors = model.refpoint_embed.weight.sigmoid()
+    assert out["anchors"].shape == (3, 2, 12, 4)
+    for layer_anchors in out["anchors"]:
+        torch.testing.assert_close(layer_anchors, anchors.expand(2, -1, -1))
+    torch.testing.assert_close(out["pred_boxes"], anchors.expand(2, -1, -1), atol=1e-6, rtol=0)
+
+    torch.nn.init.normal_(model.bbox_embed.layers[-1].weight, std=0.05)
+    with torch.no_grad():
+        out = model.forward_features(images, masks)
+    boxes = [a["pred_boxes"] for a in out["aux_outputs"]] + [out["pred_boxes"]]
+    for i in range(2):
+        torch.testing.assert_close(out["anchors"][i + 1], boxes[i], atol=1e-6, rtol=0)
+    assert (out["anchors"][1] - out["anchors"][0]).abs().max() > 1e-3
+
+
+def test_width_height_modulation_of_the_spatial_query():
+    """The x part of PE(x, y) is scaled by w_ref / w and the y part by h_ref / h: an anchor
+    twice as wide gives an x part half as large (for the same w_ref)."""
+    model = tiny().eval()
+    dec = model.transformer.decoder
+    captured = []
+    hook = dec.layers[0].register_forward_pre_hook(lambda m, args: captured.append(args[4]))
+    images, masks = model.preprocess_image(synthetic_batch())
+    w = model.refpoint_embed.weight
+    with torch.no_grad():
+        w[0] = torch.logit(torch.tensor([0.5, 0.5, 0.1, 0.2]))
+        w[1] = torch.logit(torch.tensor([0.5, 0.5, 0.2, 0.2]))
+        model.forward_features(images, masks)
+    hook.remove()
+    spatial = captured[0]  # layer 0: [B, Q, d] = (y part, x part)
+    half = 32
+    torch.testing.assert_close(spatial[:, 1, half:] * 2, spatial[:, 0, half:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(spatial[:, 1, :half], spatial[:, 0, :half], atol=1e-5, rtol=1e-5)
+    ref_hw = dec.ref_anchor_head(torch.zeros(1, 64)).sigmoid()[0]  # layer 0 sees tgt = 0
+    sine = gen_sineembed_for_position(torch.tensor([0.5, 0.5]), half)
+    torch.testing.assert_close(spatial[0, 0, half:], sine[half:] * ref_hw[0] / 0.1, atol=1e-5, rtol=1e-5)
+
+
+def test_training_step_gives_finite_weighted_losses_with_aux_keys():
+    model = tiny()
+    batch = synthetic_batch()
+    model.train()
+    losses = model(batch)
+    base = {"loss_class", "loss_bbox", "loss_giou"}
+    expected = base | {f"{k}_{i}" for k in base for i in range(2)}
+    assert set(losses) == expected
+    for k, v in losses.items():
+        assert v.dim() == 0 and torch.isfinite(v), k
+    sum(losses.values()).backward()
+    dec = model.transformer.decoder
+    for p in (model.class_embed.weight, model.refpoint_embed.weight, dec.ref_point_head.layers[0].weight,
+              dec.ref_anchor_head.layers[0].weight, dec.query_scale.layers[0].weight,
+              model.transformer.encoder.query_scale.layers[0].weight,
+              model.transformer.encoder.layers[0].activation.weight, model.backbone.res5[0].conv1.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+    model.eval()
+    images, masks = model.preprocess_image(batch)
+    targets = model.prepare_targets([x["instances"] for x in batch])
+    with torch.no_grad():
+        outputs = model.forward_features(images, masks)
+        weighted = model.criterion(outputs, targets)
+        unit = SetCriterion(num_classes=3, matcher=model.criterion.matcher, use_focal=True,
+                            weight_dict={"loss_class": 1.0, "loss_bbox": 1.0, "loss_giou": 1.0})(outputs, targets)
+    for k in expected:
+        w = {"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}[k.rsplit("_", 1)[0] if k[-1].isdigit() else k]
+        torch.testing.assert_close(weighted[k], w * unit[k])
+
+
+def test_patterns_and_random_refpoints():
+    model = tiny(**{"model.transformer.num_patterns": 3, "model.random_refpoints_xy": True}).eval()
+    xy = model.refpoint_embed.weight[:, :2].sigmoid()
+    assert ((xy > 0) & (xy < 1)).all() and xy.std() > 0.1
+    images, masks = model.preprocess_image(synthetic_batch())
+    with torch.no_grad():
+        out = model.forward_features(images, masks)
+    assert out["pred_logits"].shape == (2, 36, 3) and out["pred_boxes"].shape == (2, 36, 4)
+    a = out["anchors"][0]  # pattern-major: the 12 anchors once per pattern
+    torch.testing.assert_close(a[:, :12], a[:, 12:24])
+    # same anchor, different pattern -> different prediction
+    assert (out["pred_logits"][:, :12] - out["pred_logits"][:, 12:24]).abs().max() > 1e-4
+    model.train()
+    losses = model(synthetic_batch())
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_inference_returns_instances_in_original_image_size():
+    model = tiny(**{"model.num_queries": 40}).eval()
+    batch = synthetic_batch()
+    originals = [(128, 96), (80, 200)]
+    for x, (h, w) in zip(batch, originals):
+        del x["instances"]
+        x["height"], x["width"] = h, w
+    with torch.no_grad():
+        results = model(batch)
+    for res, (h, w) in zip(results, originals):
+        inst = res["instances"]
+        assert inst.image_size == (h, w) and len(inst) == 100
+        b = inst.pred_boxes.tensor
+        assert (b[:, 0] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all()
+        assert (inst.scores[:-1] >= inst.scores[1:]).all()
+
+
+def test_export_wrapper_traces_and_matches_eager():
+    from d2detr.export.wrapper import ExportableDetector
+
+    model = tiny().eval()
+    img = synthetic_batch()[0]["image"]
+    wrapper = ExportableDetector(model)
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapper, (img,), check_trace=False)
+        img2 = synthetic_batch()[1]["image"][:, :48, :56]
+        tb, ts, _ = traced(img2)
+        eb, es, _ = wrapper(img2)
+    torch.testing.assert_close(tb, eb, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ts, es, atol=1e-5, rtol=0)
