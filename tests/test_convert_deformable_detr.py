@@ -17,7 +17,7 @@ pytest.importorskip("timm")
 
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 
-from d2detr.checkpoint import convert_hf_checkpoint, get_converter  # noqa: E402
+from d2detr.checkpoint import apply_overrides, convert_hf_checkpoint, get_converter  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_CONFIG = os.path.join(REPO, "projects/deformable_detr/configs/models/deformable_detr_r50.py")
@@ -64,18 +64,9 @@ def build_hf_model(seed=0, **kwargs):
     return model.eval()
 
 
-def set_dotted(cfg, key, value):
-    *path, last = key.split(".")
-    node = cfg
-    for p in path:
-        node = node[p]
-    node[last] = value
-
-
 def build_ours(overrides):
     cfg = LazyConfig.load(MODEL_CONFIG)
-    for k, v in overrides.items():
-        set_dotted(cfg, k, v)
+    apply_overrides(cfg, overrides)
     return instantiate(cfg.model).eval()
 
 
@@ -98,11 +89,8 @@ def test_hf_parity(variant):
     state_dict, overrides = convert_hf_checkpoint(hf.state_dict(), hf.config, classes="keep")
     assert overrides["model.num_classes"] == 5
     ours = build_ours(overrides)
-    incompatible = ours.load_state_dict(state_dict, strict=False)
-    assert not incompatible.unexpected_keys
-    # the only keys left out are our aliases of shared heads (stored once per layer)
-    assert all(k.startswith(("class_embed.", "bbox_embed.", "transformer.decoder.")) for k in incompatible.missing_keys)
-    assert set(ours.state_dict()) - set(state_dict) == set(incompatible.missing_keys)
+    assert set(ours.state_dict()) == set(state_dict)
+    ours.load_state_dict(state_dict, strict=True)
 
     g = torch.Generator().manual_seed(1)
     image = torch.randint(0, 256, (3, 96, 128), generator=g).float()
@@ -124,7 +112,7 @@ def test_hf_parity_with_padding():
     hf = build_hf_model(with_box_refine=True, two_stage=True)
     state_dict, overrides = convert_hf_checkpoint(hf.state_dict(), hf.config, classes="keep")
     ours = build_ours(overrides)
-    ours.load_state_dict(state_dict, strict=False)
+    ours.load_state_dict(state_dict, strict=True)
     g = torch.Generator().manual_seed(2)
     a = torch.randint(0, 256, (3, 96, 128), generator=g).float()
     b = torch.randint(0, 256, (3, 64, 96), generator=g).float()
@@ -153,3 +141,32 @@ def test_coco80_class_rows():
     assert enc.shape[0] == 80
     torch.testing.assert_close(enc[0], sd["class_embed.1.weight"][0])
     torch.testing.assert_close(enc[1:], sd["class_embed.1.weight"][rows[1:]])
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(with_box_refine=True, two_stage=True)], ids=["plain", "two_stage"])
+def test_convert_checkpoint_tool(tmp_path, variant):
+    """tools/convert_checkpoint.py on a folder written by ``save_pretrained`` (the Hub layout:
+    ``conv_encoder`` backbone keys, tied heads saved once): detects the model type, converts,
+    builds our config with the overrides, loads every tensor strictly and matches HF."""
+    import importlib.util
+
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    hf = build_hf_model(encoder_layers=1, **variant)
+    hf.save_pretrained(tmp_path / "hf")
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", os.path.join(REPO, "tools/convert_checkpoint.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "ours.pth"
+    tool.main([str(tmp_path / "hf"), str(out), "--config-file", MODEL_CONFIG])
+    saved = torch.load(out, weights_only=False)
+    assert saved["model_type"] == "deformable_detr"
+    ours = build_ours(saved["overrides"])
+    DetectionCheckpointer(ours).load(str(out))
+    g = torch.Generator().manual_seed(3)
+    image = torch.randint(0, 256, (3, 64, 96), generator=g).float()
+    with torch.no_grad():
+        theirs = hf(pixel_values=((image / 255 - IMAGENET_MEAN) / IMAGENET_STD)[None])
+        mine = ours.forward_features(*ours.preprocess_image([{"image": image}]))
+    torch.testing.assert_close(mine["pred_logits"], theirs.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(mine["pred_boxes"], theirs.pred_boxes, atol=1e-4, rtol=0)

@@ -25,7 +25,8 @@ class_embed.{i} / bbox_embed.{i}                 class_embed.{i} / bbox_embed.{i
 ===============================================  ==============================================
 
 ``model.decoder.{class,bbox}_embed`` are aliases of the top-level heads (tied in HF, the same
-modules in ours) and are only read when a top-level head is missing from the file.
+modules in ours, listed again as ``transformer.decoder.{class,bbox}_embed`` in our state dict);
+they are only read when a top-level head is missing from the file.
 Transformers 4 names (``fc1`` directly on the layer, ``out_proj``) are accepted too.
 The public checkpoints' 91-way heads (indexed by COCO category id) become Detectron2's 80
 contiguous COCO classes by default (``classes="coco80"``, see :func:`convert_hf_deformable_detr`).
@@ -44,7 +45,7 @@ from . import (
     select_class_rows,
 )
 
-__all__ = ["convert_hf_deformable_detr", "hf_deformable_detr_overrides"]
+__all__ = ["convert_hf_deformable_detr", "hf_deformable_detr_overrides", "normalize_hf_deformable_detr_keys"]
 
 _ENC_LAYER = [
     (r"self_attn_layer_norm\.", "norm1."),
@@ -101,9 +102,9 @@ def convert_hf_deformable_detr(
     proposals by its logit 0, so under ``"coco80"`` it keeps HF's row 0 first.
     """
     config = config or {}
-    sd = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    sd = normalize_hf_deformable_detr_keys(state_dict)
     if not any(k.startswith("model.backbone.model.") for k in sd):
-        raise KeyError("no backbone weights under model.backbone.model.: not a Deformable DETR checkpoint?")
+        raise KeyError("no backbone weights under model.backbone(.conv_encoder).model.: not a Deformable DETR checkpoint?")
     out: Dict[str, Tensor] = {}
     unknown = []
 
@@ -111,7 +112,7 @@ def convert_hf_deformable_detr(
         out["backbone." + k] = v
 
     qkv: Dict[str, Dict[str, Tensor]] = {}
-    heads: Dict[str, Tensor] = {}
+    heads: Dict[tuple, Tensor] = {}  # (top-level?, kind, index, rest) -> tensor
     for k, v in sd.items():
         if k.startswith("model.backbone."):
             if not k.startswith("model.backbone.model."):
@@ -149,12 +150,9 @@ def convert_hf_deformable_detr(
             else:
                 out[f"transformer.decoder.layers.{m.group(1)}.{new}"] = v
             continue
-        m = re.match(r"(model\.decoder\.)?((class_embed|bbox_embed)\.\d+\..*)$", k)
+        m = re.match(r"(model\.decoder\.)?(class_embed|bbox_embed)\.(\d+)\.(.*)$", k)
         if m:
-            # the decoder's heads are aliases of the top-level ones (tied in HF, the same
-            # modules in d2detr); a file may hold either copy
-            if m.group(1) is None or m.group(2) not in heads:
-                heads[m.group(2)] = v
+            heads[(m.group(1) is None, m.group(2), int(m.group(3)), m.group(4))] = v
             continue
         unknown.append(k)
     if unknown:
@@ -165,16 +163,48 @@ def convert_hf_deformable_detr(
             raise KeyError(f"incomplete q/k/v projections for {name}: {sorted(parts)}")
         out[name] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
 
-    mode = resolve_classes_option(classes, config, _num_labels(heads))
     num_dec = _num_layers(sd, "model.decoder.layers.")
     two_stage = "model.enc_output.weight" in sd
+    refine = two_stage or any(not top and kind == "bbox_embed" for top, kind, _, _ in heads) or bool(
+        config.get("with_box_refine")
+    )
+    num_pred = num_dec + (1 if two_stage else 0)
+    num_labels = next((v.shape[0] for (top, kind, i, rest), v in heads.items() if kind == "class_embed" and rest == "weight"), None)
+    if num_labels is None:
+        raise KeyError("no class_embed weights: not a Deformable DETR checkpoint?")
+    mode = resolve_classes_option(classes, config, num_labels)
     rows = coco91_to_contiguous_rows() if mode == "coco80" else None
-    for k, v in heads.items():
-        if rows is not None and k.startswith("class_embed."):
-            idx = int(k.split(".")[1])
-            head_rows = [0] + list(rows[1:]) if two_stage and idx == num_dec else rows
-            v = select_class_rows(v, head_rows, extra_last=False)
-        out[k] = v
+    for kind in ("class_embed", "bbox_embed"):
+        rests = sorted({rest for (_, k, _, rest) in heads if k == kind})
+        for i in range(num_pred):
+            for rest in rests:
+                # heads HF ties (and so saves once): per layer, else the decoder's copy, else
+                # head 0 (all layers share one head without refinement; class heads also with
+                # refinement alone in transformers)
+                for key in ((True, kind, i, rest), (False, kind, i, rest), (True, kind, 0, rest), (False, kind, 0, rest)):
+                    if key in heads:
+                        v = heads[key]
+                        break
+                else:
+                    raise KeyError(f"no weights for {kind}.{i}.{rest}")
+                if rows is not None and kind == "class_embed":
+                    head_rows = [0] + list(rows[1:]) if two_stage and i == num_dec else rows
+                    v = select_class_rows(v, head_rows, extra_last=False)
+                out[f"{kind}.{i}.{rest}"] = v
+                # our decoder holds the same head modules, so its state dict lists them again
+                if (refine and kind == "bbox_embed") or (two_stage and kind == "class_embed"):
+                    out[f"transformer.decoder.{kind}.{i}.{rest}"] = v
+    return out
+
+
+def normalize_hf_deformable_detr_keys(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """Both HF layouts to one: ``model.backbone.conv_encoder.model.*`` (the Hub files, and what
+    ``save_pretrained`` writes) -> ``model.backbone.model.*``; drops ``num_batches_tracked``."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        out[k.replace("model.backbone.conv_encoder.", "model.backbone.", 1)] = v
     return out
 
 
@@ -200,7 +230,7 @@ def hf_deformable_detr_overrides(
     HF ``DeformableDetrConfig`` (its ``to_dict()``); missing keys are read off the tensors
     when a state dict is given, else take the official defaults."""
     config = dict(config or {})
-    sd = state_dict
+    sd = normalize_hf_deformable_detr_keys(state_dict) if state_dict is not None else None
     if config.get("dilation"):
         raise NotImplementedError("dilated (DC5) Deformable DETR backbones are not supported")
     if config.get("position_embedding_type", "sine") != "sine":
