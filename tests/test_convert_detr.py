@@ -200,6 +200,13 @@ def test_registry_errors():
         get_converter("not_a_model")
     with pytest.raises(KeyError):
         convert_hf_checkpoint({"foo": torch.zeros(1)}, {"model_type": "detr"})
+    from d2detr.checkpoint.hf_detr import hf_detr_overrides
+
+    # timm's resnet50d has a deep stem our ResNet does not have: refuse rather than mis-convert
+    with pytest.raises(ValueError, match="plain ResNets"):
+        hf_detr_overrides({"backbone_config": {"model_type": "timm_backbone", "backbone": "resnet50d"}})
+    assert hf_detr_overrides({"backbone_config": {"backbone": "timm/resnet101.a1h_in1k"}})[
+        "model.backbone.depth"] == 101
 
 
 def _torchvision_resnet18(seed=0):

@@ -139,9 +139,10 @@ def _backbone_depth(config: Dict[str, Any], sd) -> int:
     bb = config.get("backbone_config") or {}
     name = bb.get("backbone") or config.get("backbone")
     if name:
-        m = re.search(r"resnet(\d+)", str(name))
+        # plain ResNets only (resnet50, timm/resnet50.a1_in1k); resnet50d & co. differ in the stem
+        m = re.fullmatch(r"(?:timm/)?resnet(\d+)(?:\..*)?", str(name))
         if not m:
-            raise ValueError(f"Unsupported backbone {name!r}: only ResNets convert")
+            raise ValueError(f"Unsupported backbone {name!r}: only plain ResNets (resnet18..152) convert")
         return int(m.group(1))
     if bb.get("depths"):
         depths = list(bb["depths"])
