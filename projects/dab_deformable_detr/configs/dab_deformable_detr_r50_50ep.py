@@ -1,0 +1,31 @@
+"""DAB-Deformable-DETR R50, 50 epochs on COCO (paper: 46.9 AP).
+
+Official recipe (IDEA-Research/DAB-DETR, ``-m dab_deformable_detr``): AdamW lr 1e-4,
+backbone and the deformable attention's sampling-offset / reference-point projections x0.1,
+weight decay 1e-4, gradient clipping at norm 0.1, total batch 16 (8 GPUs x 2 images), 50
+epochs with the learning rate dropped x0.1 after epoch 40; DETR's augmentation.
+"""
+from ....configs.common.coco_schedule import default_coco_epoch_scheduler, epochs_to_iters
+from ....configs.common.data.coco_detr import dataloader
+from ....configs.common.optim import DEFORMABLE_LR_FACTORS
+from ....configs.common.optim import AdamW as optimizer
+from ....configs.common.train import train
+from .models.dab_deformable_detr_r50 import model
+
+BATCH_SIZE = 16  # 8 GPUs x 2 images
+EPOCHS, LR_DROP = 50, 40
+
+dataloader.train.total_batch_size = BATCH_SIZE
+
+optimizer.lr = 1e-4
+optimizer.weight_decay = 1e-4
+optimizer.params.lr_factor_func.factors = dict(DEFORMABLE_LR_FACTORS)
+
+lr_multiplier = default_coco_epoch_scheduler(EPOCHS, LR_DROP, batch_size=BATCH_SIZE)
+
+train.max_iter = epochs_to_iters(EPOCHS, batch_size=BATCH_SIZE)
+train.clip_grad.enabled = True
+train.clip_grad.params.max_norm = 0.1
+train.checkpointer.period = epochs_to_iters(5, batch_size=BATCH_SIZE)
+train.eval_period = epochs_to_iters(5, batch_size=BATCH_SIZE)
+train.output_dir = "./output/dab_deformable_detr_r50_50ep"
