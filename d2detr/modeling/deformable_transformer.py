@@ -20,16 +20,16 @@ otherwise; ``spatial_shapes`` is an int64 ``[L, 2]`` tensor of (H, W), and where
 loops over levels a list of ``(H, W)`` ints (``spatial_shapes_list``) is taken instead, so that
 ``torch.export`` sees symbolic sizes and no data-dependent ``.tolist()``.
 """
-import copy
 import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2detr.layers.box_ops import inverse_sigmoid
 from d2detr.layers.ms_deform_attn import MultiScaleDeformableAttention
+
+from .transformer import _clones, get_activation_fn, with_pos_embed
 
 __all__ = [
     "DeformableTransformerEncoderLayer",
@@ -41,24 +41,6 @@ __all__ = [
     "gen_encoder_output_proposals",
     "get_proposal_pos_embed",
 ]
-
-
-def _get_activation_fn(activation: str):
-    if activation == "relu":
-        return F.relu
-    if activation == "gelu":
-        return F.gelu
-    if activation == "glu":
-        return F.glu
-    raise ValueError(f"activation should be relu/gelu/glu, not {activation}")
-
-
-def _with_pos_embed(tensor: Tensor, pos: Optional[Tensor]) -> Tensor:
-    return tensor if pos is None else tensor + pos
-
-
-def _get_clones(module: nn.Module, n: int) -> nn.ModuleList:
-    return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
 
 
 class DeformableTransformerEncoderLayer(nn.Module):
@@ -83,7 +65,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(embed_dim)
 
         self.linear1 = nn.Linear(embed_dim, ffn_dim)
-        self.activation = _get_activation_fn(activation)
+        self.activation = get_activation_fn(activation)
         self.dropout2 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(ffn_dim, embed_dim)
         self.dropout3 = nn.Dropout(dropout)
@@ -104,7 +86,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
     ) -> Tensor:
         """``src``/``pos`` ``[N, S, C]``; ``reference_points`` ``[N, S, L, 2]``; mask ``[N, S]``."""
         src2 = self.self_attn(
-            _with_pos_embed(src, pos), reference_points, src, spatial_shapes, level_start_index, padding_mask
+            with_pos_embed(src, pos), reference_points, src, spatial_shapes, level_start_index, padding_mask
         )
         src = self.norm1(src + self.dropout1(src2))
         return self.forward_ffn(src)
@@ -138,7 +120,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(embed_dim)
         # ffn
         self.linear1 = nn.Linear(embed_dim, ffn_dim)
-        self.activation = _get_activation_fn(activation)
+        self.activation = get_activation_fn(activation)
         self.dropout3 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(ffn_dim, embed_dim)
         self.dropout4 = nn.Dropout(dropout)
@@ -161,12 +143,12 @@ class DeformableTransformerDecoderLayer(nn.Module):
     ) -> Tensor:
         """``tgt``/``query_pos`` ``[N, Q, C]``; ``reference_points`` ``[N, Q, L, 2|4]``;
         ``memory`` ``[N, S, C]``; ``self_attn_mask`` ``[Q, Q]`` or ``[N*heads, Q, Q]``, True = blocked."""
-        q = k = _with_pos_embed(tgt, query_pos)
+        q = k = with_pos_embed(tgt, query_pos)
         tgt2 = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(tgt2))
 
         tgt2 = self.cross_attn(
-            _with_pos_embed(tgt, query_pos),
+            with_pos_embed(tgt, query_pos),
             reference_points,
             memory,
             spatial_shapes,
@@ -183,7 +165,7 @@ class DeformableTransformerEncoder(nn.Module):
 
     def __init__(self, encoder_layer: nn.Module, num_layers: int):
         super().__init__()
-        self.layers = _get_clones(encoder_layer, num_layers)
+        self.layers = _clones(encoder_layer, num_layers)
         self.num_layers = num_layers
 
     @staticmethod
@@ -241,7 +223,7 @@ class DeformableTransformerDecoder(nn.Module):
 
     def __init__(self, decoder_layer: nn.Module, num_layers: int, return_intermediate: bool = True):
         super().__init__()
-        self.layers = _get_clones(decoder_layer, num_layers)
+        self.layers = _clones(decoder_layer, num_layers)
         self.num_layers = num_layers
         self.return_intermediate = return_intermediate
         self.bbox_embed: Optional[nn.ModuleList] = None
