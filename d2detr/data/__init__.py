@@ -6,3 +6,4 @@ from .detr_dataset_mapper import (
     build_detr_train_crop_augmentation,
     to_three_channels,
 )
+from . import datasets  # noqa: F401  registers the built-in datasets, as detectron2.data does

@@ -29,6 +29,8 @@ from .ema import ModelEMA
 from .launch import launch
 from .trainer import DetrTrainer
 
+import d2detr.data  # noqa: F401,E402  registers the built-in datasets (neon_trees_*) for any config
+
 __all__ = [
     "load_config",
     "setup",
