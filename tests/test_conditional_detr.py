@@ -258,3 +258,23 @@ def test_export_wrapper_traces_and_matches_eager():
     torch.testing.assert_close(ts, es, atol=1e-5, rtol=0)
     eager = model([{"image": img}])[0]["instances"]
     torch.testing.assert_close(scores, eager.scores, atol=1e-5, rtol=0)
+
+
+def test_torch_export_with_dynamic_image_size(tmp_path):
+    api = pytest.importorskip("d2detr.export.api")
+    from d2detr.export.wrapper import ExportableDetector
+
+    model = tiny().eval()
+    try:
+        api.check_native_op(model)
+    except Exception as e:  # deformable models need the compiled d2detr._C op
+        pytest.skip(f"native op unavailable: {e}")
+    img = synthetic_batch()[0]["image"]
+    api.export_torch_export(model, img, str(tmp_path / "m.pt2"), min_size=64, max_size=512)
+    exported = api.load_exported(str(tmp_path / "m.pt2"))
+    img2 = torch.randint(0, 255, (3, 80, 120), dtype=torch.uint8)
+    with torch.no_grad():
+        got = exported(img2)
+        ref = ExportableDetector(model)(img2)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
