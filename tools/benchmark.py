@@ -1,0 +1,384 @@
+#!/usr/bin/env python
+"""Inference latency, training-step time and peak memory of a model config on this device.
+
+    python tools/benchmark.py                                   # Deformable DETR R50, 800x1333
+    python tools/benchmark.py --config-file projects/deformable_detr/configs/deformable_detr_mobilenetv2_neon_trees.py \
+        --height 416 --width 416
+    python tools/benchmark.py --compare-hf --threads 2          # CPU: vs transformers, same weights
+
+Each measurement (model x inference / training step) runs in its own child process:
+the model is built, one warm-up run is made, then ``--runs`` timed runs; the median is
+reported. Peak memory is the process's peak resident set size during the warm-up and
+timed runs minus its RSS just before them (``ru_maxrss`` when the runs raised the high-water mark, else a
+5 ms RSS sampler), i.e. the activations, gradients and optimizer state the step needs on
+top of the model; on CUDA it is ``torch.cuda.max_memory_allocated`` over the runs.
+A training step is forward + loss + backward + AdamW step on one image with 10 boxes.
+
+``--compare-hf`` (Deformable DETR only): builds Hugging Face's
+``DeformableDetrForObjectDetection`` (timm ResNet-50, random weights, pure-PyTorch
+attention: ``disable_custom_kernels=True``), converts its weights with
+``d2detr.checkpoint``'s converter into our model, checks that both predict the same
+boxes, then measures both with exactly those weights and prints the ratios (theirs / ours).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _REPO)
+
+DEFAULT_CONFIG = os.path.join(_REPO, "projects", "deformable_detr", "configs", "models", "deformable_detr_r50.py")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NUM_BOXES = 10
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config-file", default=DEFAULT_CONFIG, help="LazyConfig with a `model` (default: Deformable DETR R50)")
+    p.add_argument("--height", type=int, default=800)
+    p.add_argument("--width", type=int, default=1333)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
+    p.add_argument("--train-runs", type=int, default=None, help="timed training steps (default: --runs)")
+    p.add_argument("--no-train", action="store_true", help="inference only")
+    p.add_argument("--compare-hf", action="store_true", help="also measure transformers' DeformableDetrForObjectDetection")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
+    # internal: one measurement in a child process
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--weights", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def make_inputs(height, width, num_classes, device):
+    """One image (uint8 range, float) and NUM_BOXES ground-truth boxes, seeded."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, height, width), generator=g).float()
+    cxcy = torch.rand(NUM_BOXES, 2, generator=g) * 0.6 + 0.2
+    wh = torch.rand(NUM_BOXES, 2, generator=g) * 0.3 + 0.05
+    boxes_cxcywh = torch.cat([cxcy, wh], 1)
+    labels = torch.randint(0, num_classes, (NUM_BOXES,), generator=g)
+    return image.to(device), boxes_cxcywh, labels
+
+
+def ours_batch(image, boxes_cxcywh, labels, train):
+    from detectron2.structures import Boxes, Instances
+
+    h, w = image.shape[-2:]
+    item = {"image": image, "height": h, "width": w}
+    if train:
+        b = boxes_cxcywh.clone()
+        xyxy = torch_cat_xyxy(b) * b.new_tensor([w, h, w, h])
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(xyxy.to(image.device))
+        inst.gt_classes = labels.to(image.device)
+        item["instances"] = inst
+    return [item]
+
+
+def torch_cat_xyxy(b):
+    import torch
+
+    return torch.cat([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], 1)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def build_ours(config_file, opts, overrides=None, state_dict=None):
+    from detectron2.config import LazyConfig, instantiate
+
+    from d2detr.checkpoint import apply_overrides
+
+    cfg = LazyConfig.load(config_file)
+    cfg = LazyConfig.apply_overrides(cfg, list(opts))
+    if overrides:
+        apply_overrides(cfg, overrides)
+    model = instantiate(cfg.model)
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def hf_config_kwargs():
+    return dict(
+        use_timm_backbone=True,
+        backbone="resnet50",
+        use_pretrained_backbone=False,
+        disable_custom_kernels=True,
+        num_labels=80,
+        auxiliary_loss=True,  # as ours: losses on every decoder layer
+    )
+
+
+def build_hf(config_dict=None, state_dict=None, seed=0):
+    import torch
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
+
+    config = DeformableDetrConfig(**(config_dict or hf_config_kwargs()))
+    torch.manual_seed(seed)
+    model = DeformableDetrForObjectDetection(config)
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def prepare_hf_weights(folder, config_file, opts):
+    """Builds the HF model, converts it, checks parity on a small image; saves both."""
+    import torch
+
+    from d2detr.checkpoint import convert_hf_checkpoint
+
+    hf = build_hf().eval()
+    sd, overrides = convert_hf_checkpoint(hf.state_dict(), hf.config, classes="keep")
+    ours = build_ours(config_file, opts, overrides, sd).eval()
+    image, _, _ = make_inputs(320, 480, 80, "cpu")
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    with torch.no_grad():
+        theirs = hf(pixel_values=((image / 255 - mean) / std)[None])
+        images, masks = ours.preprocess_image([{"image": image}])
+        mine = ours.forward_features(images, masks)
+    diff = max(
+        (mine["pred_logits"] - theirs.logits).abs().max().item(),
+        (mine["pred_boxes"] - theirs.pred_boxes).abs().max().item(),
+    )
+    path = os.path.join(folder, "weights.pt")
+    torch.save(
+        {"hf": hf.state_dict(), "hf_config": hf_config_kwargs(), "ours": sd, "overrides": overrides}, path
+    )
+    return path, diff
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakMemory:
+    """Peak memory during a block: CUDA allocator peak, or process RSS above the start."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base = _rss_bytes()
+        self.maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.sampled = self.base
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.005):
+                self.sampled = max(self.sampled, _rss_bytes())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+            return False
+        self._stop.set()
+        self._thread.join()
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        top = maxrss if maxrss > self.maxrss0 else max(self.sampled, _rss_bytes())
+        self.peak = top - self.base
+        return False
+
+
+def _sync(device):
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_worker(args):
+    """One measurement; prints a JSON line. ``args.worker`` = "<ours|hf>:<infer|train>"."""
+    import torch
+
+    impl, mode = args.worker.split(":")
+    device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    weights = torch.load(args.weights, map_location="cpu", weights_only=False) if args.weights else None
+    if impl == "hf":
+        model = build_hf(weights["hf_config"], weights["hf"])
+    else:
+        model = build_ours(
+            args.config_file, args.opts, weights and weights["overrides"], weights and weights["ours"]
+        )
+    model.to(device)
+    num_classes = weights["hf_config"]["num_labels"] if weights else int(getattr(model, "num_classes", 80))
+    image, boxes, labels = make_inputs(args.height, args.width, num_classes, device)
+    train = mode == "train"
+    runs = (args.train_runs or args.runs) if train else args.runs
+
+    if impl == "hf":
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
+        pixel_values = ((image / 255 - mean) / std)[None]
+        pixel_mask = torch.ones(1, args.height, args.width, dtype=torch.long, device=device)
+        hf_labels = [{"class_labels": labels.to(device), "boxes": boxes.to(device)}]
+
+        def forward():
+            if train:
+                return model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=hf_labels).loss
+            return model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+
+    else:
+        batch = ours_batch(image, boxes, labels, train)
+
+        def forward():
+            out = model(batch)
+            return sum(out.values()) if train else out
+
+    if train:
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+        def step():
+            loss = forward()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    else:
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                forward()
+
+    times = []
+    # The warm-up run is inside: it allocates what the later runs reuse (and the optimizer state).
+    with _PeakMemory(device) as mem:
+        step()
+        _sync(device)
+        for _ in range(runs):
+            t = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - t)
+    print("RESULT " + json.dumps({"impl": impl, "mode": mode, "times": times, "peak_bytes": mem.peak}), flush=True)
+
+
+def measure(args, impl, mode, weights=None):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{impl}:{mode}", "--device", args.device]
+    cmd += ["--config-file", args.config_file, "--height", str(args.height), "--width", str(args.width)]
+    cmd += ["--runs", str(args.runs)]
+    if args.train_runs:
+        cmd += ["--train-runs", str(args.train_runs)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if weights:
+        cmd += ["--weights", weights]
+    cmd += list(args.opts)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"benchmark worker {impl}:{mode} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def _fmt_time(s):
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _fmt_mem(b):
+    return f"{b / 2**20:.0f} MiB"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.opts = [o for o in args.opts if o != "--"]
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.worker:
+        return run_worker(args)
+
+    import torch
+
+    modes = ["infer"] + ([] if args.no_train else ["train"])
+    weights, parity = None, None
+    tmp = tempfile.TemporaryDirectory(prefix="d2detr_bench_")
+    if args.compare_hf:
+        weights, parity = prepare_hf_weights(tmp.name, args.config_file, args.opts)
+    impls = ["ours"] + (["hf"] if args.compare_hf else [])
+    results = {}
+    for mode in modes:
+        for impl in impls:
+            r = measure(args, impl, mode, weights)
+            results[(impl, mode)] = r
+            print(f"  {impl:>4} {mode:<5}: median {_fmt_time(statistics.median(r['times']))} "
+                  f"(runs {', '.join(_fmt_time(t) for t in r['times'])}), peak {_fmt_mem(r['peak_bytes'])}",
+                  flush=True)
+    tmp.cleanup()
+
+    threads = args.threads or torch.get_num_threads()
+    print()
+    print(f"device {args.device} ({threads} threads), image {args.height}x{args.width}, batch 1, "
+          f"config {os.path.relpath(args.config_file, _REPO)}")
+    if parity is not None:
+        print(f"same weights: max |ours - transformers| over logits and boxes = {parity:.1e}")
+    names = {"infer": "inference latency", "train": "training step"}
+    if args.compare_hf:
+        print("| measurement | d2detr | transformers | transformers / d2detr |")
+        print("|---|---:|---:|---:|")
+    else:
+        print("| measurement | d2detr |")
+        print("|---|---:|")
+    rows = []
+    for mode in modes:
+        ours = results[("ours", mode)]
+        t_ours, m_ours = statistics.median(ours["times"]), ours["peak_bytes"]
+        row = {"mode": mode, "ours_s": t_ours, "ours_peak_bytes": m_ours}
+        if args.compare_hf:
+            hf = results[("hf", mode)]
+            t_hf, m_hf = statistics.median(hf["times"]), hf["peak_bytes"]
+            row.update(hf_s=t_hf, hf_peak_bytes=m_hf)
+            print(f"| {names[mode]} (median) | {_fmt_time(t_ours)} | {_fmt_time(t_hf)} | {t_hf / t_ours:.2f}x |")
+            print(f"| {names[mode]}: peak memory | {_fmt_mem(m_ours)} | {_fmt_mem(m_hf)} | {m_hf / max(m_ours, 1):.2f}x |")
+        else:
+            print(f"| {names[mode]} (median) | {_fmt_time(t_ours)} |")
+            print(f"| {names[mode]}: peak memory | {_fmt_mem(m_ours)} |")
+        rows.append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "threads": threads, "height": args.height, "width": args.width,
+                       "parity": parity, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""`make demo`: train a small Deformable DETR on real aerial tree crowns on the CPU.
+
+    python tools/neon_trees_demo.py                      # ~12 min on 2 idle CPU cores
+    python tools/neon_trees_demo.py --fresh              # discard output/neon_trees_demo first
+    python tools/neon_trees_demo.py --max-iter 4 train.checkpointer.period=1000   # smoke run
+
+Steps, all with the project's own machinery:
+
+1. trains ``projects/deformable_detr/configs/deformable_detr_mobilenetv2_neon_trees.py``
+   (MobileNetV2 with the offline ImageNet weights, ``neon_trees_train``) through
+   ``d2detr.engine.do_train`` -- the loop behind ``tools/train_net.py`` -- evaluating on
+   ``neon_trees_val`` with Detectron2's ``COCOEvaluator`` every ``train.eval_period``
+   iterations and after the last one;
+2. prints the final COCO AP table;
+3. draws ground truth (left) and predictions (right) of every validation tile with
+   Detectron2's ``Visualizer`` to ``<output>/predictions/<tile>.png``;
+4. plots the training curves (losses, learning rate and AP against the iteration) from
+   ``<output>/metrics.json`` to ``<output>/training_curves.png``.
+
+Re-running is idempotent: by default the run resumes from ``<output>/last_checkpoint``
+(Detectron2's ``--resume``), so an interrupted demo continues where it stopped and a
+finished one only re-evaluates and redraws (seconds). ``--fresh`` deletes the output
+folder and trains from scratch. Anything after the options is a config override
+(``key=value``), as for ``tools/train_net.py``.
+"""
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+# Allow running from a source checkout without installing d2detr.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _REPO)
+
+DEFAULT_CONFIG = os.path.join(
+    _REPO, "projects", "deformable_detr", "configs", "deformable_detr_mobilenetv2_neon_trees.py"
+)
+DEFAULT_OUTPUT = os.path.join("output", "neon_trees_demo")
+COCO_BBOX_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+logger = logging.getLogger("d2detr.demo")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config-file", default=DEFAULT_CONFIG, help="LazyConfig to train")
+    p.add_argument("--output-dir", default=DEFAULT_OUTPUT, help="train.output_dir (default %(default)s)")
+    p.add_argument("--max-iter", type=int, default=None, help="override train.max_iter")
+    p.add_argument("--num-threads", type=int, default=2, help="torch.set_num_threads (default %(default)s)")
+    p.add_argument("--fresh", action="store_true", help="delete the output folder and train from scratch")
+    p.add_argument("--score-thresh", type=float, default=0.3, help="drawn predictions' minimum score")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------- train + eval
+
+
+def train_and_evaluate(config_file: str, output_dir: str, opts: List[str], resume: bool):
+    """Runs ``d2detr.engine.do_train`` on the config; returns ``(cfg, trainer, results)``
+    where ``results`` is ``{"bbox": {...}}`` of the evaluation after the last iteration."""
+    from detectron2.engine import default_argument_parser
+
+    from d2detr.engine import do_train, setup
+
+    argv = ["--config-file", config_file] + (["--resume"] if resume else [])
+    args = default_argument_parser().parse_args(argv + ["train.output_dir=" + output_dir] + list(opts))
+    cfg = setup(args)
+    trainer = do_train(args, cfg)
+    # The EvalHook put the evaluator's flattened results ("bbox/AP", ...) into the storage.
+    latest = trainer.storage.latest()
+    bbox = OrderedDict(
+        (k.split("/", 1)[1], float(v)) for k, (v, _) in sorted(latest.items()) if k.startswith("bbox/")
+    )
+    return cfg, trainer, {"bbox": bbox} if bbox else {}
+
+
+def format_ap_table(results: Dict) -> str:
+    bbox = results.get("bbox", {})
+    keys = [k for k in COCO_BBOX_KEYS if k in bbox]
+    head = "| " + " | ".join(keys) + " |"
+    sep = "|" + "|".join(":---:" for _ in keys) + "|"
+    row = "| " + " | ".join(f"{bbox[k]:.1f}" for k in keys) + " |"
+    return "\n".join([head, sep, row])
+
+
+# --------------------------------------------------------------------------------- drawing
+
+
+def draw_predictions(cfg, model, out_dir: str, score_thresh: float = 0.3) -> List[str]:
+    """Ground truth (left) and predictions with score >= ``score_thresh`` (right) of every
+    image of ``cfg.dataloader.test``'s dataset, drawn with Detectron2's ``Visualizer``;
+    one PNG of size (2W, H) per image. Returns the written paths."""
+    import numpy as np
+    import torch
+    from detectron2.config import instantiate
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data import detection_utils as utils
+    from detectron2.utils.visualizer import Visualizer
+    from PIL import Image
+
+    dataset_name = cfg.dataloader.test.dataset.names
+    if not isinstance(dataset_name, str):
+        dataset_name = dataset_name[0]
+    metadata = MetadataCatalog.get(dataset_name)
+    mapper = instantiate(cfg.dataloader.test.mapper)
+    os.makedirs(out_dir, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    paths = []
+    try:
+        for d in DatasetCatalog.get(dataset_name):
+            rgb = utils.read_image(d["file_name"], format="RGB")
+            with torch.no_grad():
+                inst = model([mapper(d)])[0]["instances"].to("cpu")
+            inst = inst[inst.scores >= score_thresh]
+            gt = Visualizer(rgb, metadata).overlay_instances(
+                boxes=np.array([a["bbox"] for a in d.get("annotations", [])]).reshape(-1, 4),
+                assigned_colors=[(0.1, 0.9, 0.1)] * len(d.get("annotations", [])),
+            )
+            boxes = inst.pred_boxes.tensor.numpy()
+            pred = Visualizer(rgb, metadata).overlay_instances(
+                boxes=boxes,
+                labels=[f"{s:.2f}" for s in inst.scores.tolist()] if len(boxes) <= 30 else None,
+                assigned_colors=[(1.0, 0.55, 0.0)] * len(boxes),
+            )
+            canvas = np.concatenate([gt.get_image(), pred.get_image()], axis=1)
+            name = os.path.splitext(os.path.basename(d["file_name"]))[0] + ".png"
+            path = os.path.join(out_dir, name)
+            Image.fromarray(canvas).save(path)
+            paths.append(path)
+    finally:
+        model.train(was_training)
+    return paths
+
+
+# ---------------------------------------------------------------------------------- curves
+
+
+def read_metrics(path: str) -> List[Dict]:
+    """The entries of Detectron2's ``metrics.json`` (one JSON object per line), the last
+    entry per (iteration, keys) kept, sorted by iteration."""
+    rows: Dict = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if "iteration" in entry:
+                rows[(entry["iteration"], tuple(sorted(entry)))] = entry
+    return [rows[k] for k in sorted(rows, key=lambda k: k[0])]
+
+
+def plot_training_curves(metrics_path: str, out_path: str) -> str:
+    """Losses (left), learning rate (middle) and bbox AP / AP50 (right) against iterations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = read_metrics(metrics_path)
+
+    def series(key):
+        pts = [(e["iteration"], e[key]) for e in entries if key in e]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for key in ("total_loss", "loss_class", "loss_bbox", "loss_giou"):
+        x, y = series(key)
+        if x:
+            axes[0].plot(x, y, label=key, lw=2 if key == "total_loss" else 1)
+    axes[0].set_title("training loss (weighted; total includes aux)")
+    axes[0].set_xlabel("iteration")
+    axes[0].legend()
+    axes[0].grid(alpha=0.3)
+    x, y = series("lr")
+    if x:
+        axes[1].plot(x, y)
+    axes[1].set_title("learning rate")
+    axes[1].set_xlabel("iteration")
+    axes[1].grid(alpha=0.3)
+    for key in ("bbox/AP", "bbox/AP50", "bbox/AP75"):
+        x, y = series(key)
+        if x:
+            axes[2].plot(x, y, marker="o", label=key)
+    axes[2].set_title("neon_trees_val (COCO)")
+    axes[2].set_xlabel("iteration")
+    axes[2].set_ylim(bottom=0)
+    axes[2].legend()
+    axes[2].grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=80)
+    plt.close(fig)
+    return out_path
+
+
+# -------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> Dict:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.num_threads)
+    opts = [o for o in args.opts if o != "--"]
+    if args.max_iter is not None:
+        opts.append(f"train.max_iter={args.max_iter}")
+    if args.fresh and os.path.isdir(args.output_dir):
+        shutil.rmtree(args.output_dir)
+    resume = os.path.isfile(os.path.join(args.output_dir, "last_checkpoint"))
+
+    start = time.perf_counter()
+    cfg, trainer, results = train_and_evaluate(args.config_file, args.output_dir, opts, resume)
+    train_eval_s = time.perf_counter() - start
+    model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+    pngs = draw_predictions(cfg, model, os.path.join(args.output_dir, "predictions"), args.score_thresh)
+    curves = plot_training_curves(
+        os.path.join(args.output_dir, "metrics.json"), os.path.join(args.output_dir, "training_curves.png")
+    )
+    total_s = time.perf_counter() - start
+
+    print()
+    print(f"neon_trees_val, COCO bbox metrics after {cfg.train.max_iter} iterations "
+          f"({'resumed' if resume else 'trained from scratch'}; {args.num_threads} threads):")
+    print(format_ap_table(results) if results else "(no evaluation results)")
+    print(f"predictions drawn: {len(pngs)} PNGs in {os.path.dirname(pngs[0]) if pngs else '-'}")
+    print(f"training curves:   {curves}")
+    print(f"wall time: train + eval {train_eval_s / 60:.1f} min, total {total_s / 60:.1f} min")
+    return {"results": results, "pngs": pngs, "curves": curves, "wall_s": total_s, "cfg": cfg}
+
+
+if __name__ == "__main__":
+    main()
