@@ -22,10 +22,10 @@
 
 #if defined(__GNUC__)
 #define D2DETR_INLINE inline __attribute__((always_inline))
-#define D2DETR_RESTRICT __restrict__
+#define D2DETR_PREFETCH(p) __builtin_prefetch(p)
 #else
 #define D2DETR_INLINE inline
-#define D2DETR_RESTRICT
+#define D2DETR_PREFETCH(p) ((void)0)
 #endif
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -77,13 +77,15 @@ template <typename T>
 D2DETR_INLINE void vstore(T* p, const typename VecT<T>::type& v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
-template <typename T>
-D2DETR_INLINE T hsum(const typename VecT<T>::type& v) {
-  T s = v[0];
-  for (int i = 1; i < VecT<T>::size; ++i) {
-    s += v[i];
-  }
-  return s;
+// Horizontal sum as a tree (halves added pairwise).
+D2DETR_INLINE float hsum(const VecT<float>::type& v) {
+  typedef float v4 __attribute__((vector_size(16)));
+  v4 lo = {v[0], v[1], v[2], v[3]}, hi = {v[4], v[5], v[6], v[7]};
+  lo += hi;
+  return (lo[0] + lo[2]) + (lo[1] + lo[3]);
+}
+D2DETR_INLINE double hsum(const VecT<double>::type& v) {
+  return (v[0] + v[2]) + (v[1] + v[3]);
 }
 #endif
 
@@ -104,6 +106,24 @@ struct Geo {
   scalar_t lh, lw, hh, hw;
   bool valid;
 };
+
+// Head-major loops read the locations / weights of consecutive queries with a
+// stride of M*L*P elements: fetch those of a later query ahead of time.
+template <typename scalar_t>
+D2DETR_INLINE void prefetch_point_data(const KernelArgs<scalar_t>& a, int64_t nq, int64_t m) {
+  if (nq >= a.N * a.Q) {
+    return;
+  }
+  const int64_t LP = a.L * a.P;
+  const char* loc = reinterpret_cast<const char*>(a.loc + (nq * a.M + m) * LP * 2);
+  const char* attn = reinterpret_cast<const char*>(a.attn + (nq * a.M + m) * LP);
+  for (int64_t b = 0; b < LP * 2 * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+    D2DETR_PREFETCH(loc + b);
+  }
+  for (int64_t b = 0; b < LP * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+    D2DETR_PREFETCH(attn + b);
+  }
+}
 
 // Appends the in-map corners of the (m, l, p) points of one (n, q, m) to `e`;
 // returns how many were written. `geo` (optional) receives per-point geometry.
@@ -131,9 +151,9 @@ D2DETR_INLINE int64_t build_entries(const KernelArgs<scalar_t>& a, int64_t nq, i
         }
         continue;
       }
-      const int64_t h0 = static_cast<int64_t>(std::floor(h_im));
-      const int64_t w0 = static_cast<int64_t>(std::floor(w_im));
-      const scalar_t lh = h_im - static_cast<scalar_t>(h0), lw = w_im - static_cast<scalar_t>(w0);
+      const scalar_t h0f = std::floor(h_im), w0f = std::floor(w_im);
+      const int64_t h0 = static_cast<int64_t>(h0f), w0 = static_cast<int64_t>(w0f);
+      const scalar_t lh = h_im - h0f, lw = w_im - w0f;
       const scalar_t hh = scalar_t(1) - lh, hw = scalar_t(1) - lw;
       if (geo) {
         geo[pt] = Geo<scalar_t>{lh, lw, hh, hw, true};
@@ -198,7 +218,7 @@ D2DETR_INLINE void scatter_block(const scalar_t* v, scalar_t* gv, const scalar_t
     for (int j = 1; j < NV; ++j) {
       s += gr[j] * vload(src + j * VW);
     }
-    dots[e[i].slot] += hsum<scalar_t>(s);
+    dots[e[i].slot] += hsum(s);
     for (int j = 0; j < NV; ++j) {
       vstore(dst + j * VW, vload(dst + j * VW) + w * gr[j]);
     }
@@ -300,6 +320,7 @@ D2DETR_INLINE void forward_range_impl(const KernelArgs<scalar_t>& a, int64_t beg
     const int64_t q = i % Q, nm = i / Q;
     const int64_t n = nm / M, m = nm % M;
     const int64_t nq = n * Q + q;
+    prefetch_point_data(a, nq + 2, m);
     const int64_t ne = build_entries(a, nq, m, e, static_cast<Geo<scalar_t>*>(nullptr));
     gather_channels(a.value + n * S * MD + m * D, e, ne, a.out + nq * MD + m * D, D);
   }
@@ -319,6 +340,10 @@ D2DETR_INLINE void backward_block_impl(const KernelArgs<scalar_t>& a, scalar_t* 
   const int64_t head_off = n * S * MD + m * D;
   for (int64_t q = q_begin; q < q_end; ++q) {
     const int64_t nq = n * Q + q;
+    if (q + 2 < q_end) {
+      prefetch_point_data(a, nq + 2, m);
+      D2DETR_PREFETCH(a.grad_out + (nq + 2) * MD + m * D);
+    }
     const int64_t ne = build_entries(a, nq, m, e, geo);
     std::fill(dots, dots + 4 * LP, scalar_t(0));
     scatter_channels(a.value + head_off, grad_value + head_off, a.grad_out + nq * MD + m * D, e, ne, dots, D);
