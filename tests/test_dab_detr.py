@@ -72,6 +72,7 @@ def test_dab_detr_r50_has_the_papers_44m_parameters():
     assert t.decoder.ref_point_head.layers[0].in_features == 512  # MLP(PE(x, y, w, h))
     assert t.decoder.bbox_embed is model.bbox_embed  # anchors refined by the shared box head
     assert model.class_embed.out_features == 91
+    assert model.select_box_nums_for_evaluation == 300  # the official --num_select
     c = model.criterion
     assert c.use_focal and c.weight_dict == {"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
     assert (c.matcher.cost_class, c.matcher.cost_bbox, c.matcher.cost_giou) == (2.0, 5.0, 2.0)
@@ -213,7 +214,7 @@ def test_inference_returns_instances_in_original_image_size():
         results = model(batch)
     for res, (h, w) in zip(results, originals):
         inst = res["instances"]
-        assert inst.image_size == (h, w) and len(inst) == 100
+        assert inst.image_size == (h, w) and len(inst) == 120  # top-300 capped at 40 queries x 3 classes
         b = inst.pred_boxes.tensor
         assert (b[:, 0] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all()
         assert (inst.scores[:-1] >= inst.scores[1:]).all()

@@ -5,7 +5,7 @@ PReLU activations, 300 queries, sine positional encoding of the image with tempe
 (both H and W), anchors refined by the shared box head in every layer, width/height-modulated
 cross-attention; sigmoid focal loss (alpha 0.25, gamma 2), loss weights class 1 / L1 5 /
 GIoU 2 and matcher costs 2 / 5 / 2 (the official ``--cls_loss_coef 1 --set_cost_class 2``);
-top-100 over queries x classes at test. ``num_classes=80``: Detectron2's contiguous COCO ids.
+top-300 over queries x classes at test (the official ``--num_select 300``). ``num_classes=80``: Detectron2's contiguous COCO ids.
 """
 from detectron2.config import LazyCall as L
 
@@ -53,5 +53,5 @@ model = L(DABDETR)(
     pixel_mean=[123.675, 116.280, 103.530],
     pixel_std=[58.395, 57.120, 57.375],
     input_format="RGB",
-    select_box_nums_for_evaluation=100,
+    select_box_nums_for_evaluation=300,
 )
