@@ -31,6 +31,11 @@ def _fail(msg):
     sys.exit(1)
 
 
+# torch.utils.cpp_extension reads CUDA_HOME once, when imported, and otherwise
+# guesses /usr/local: point it at the usual toolkit location first.
+if not os.environ.get("CUDA_HOME") and os.path.isfile("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
 try:
     import torch
     from torch.utils import cpp_extension
