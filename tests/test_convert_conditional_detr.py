@@ -165,3 +165,20 @@ def test_coco91_head_to_detectron2_contiguous():
     assert sd80["class_embed.weight"].shape == (80, w91.shape[1])  # sigmoid head: no no-object row
     torch.testing.assert_close(sd80["class_embed.weight"], w91[coco91_to_contiguous_rows()])
     assert get_converter("conditional_detr").model_type == "conditional_detr"
+
+
+def test_transformers_resnet_backbone_and_segmentation_prefix():
+    """transformers' own ResNetBackbone converts, and a ConditionalDetrForSegmentation-style
+    state dict (``conditional_detr.`` prefix, mask head) gives its detector."""
+    from transformers import ResNetConfig
+
+    bb = ResNetConfig(depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512], layer_type="basic",
+                      embedding_size=64, out_features=["stage4"])
+    hf = hf_model(seed=3, use_timm_backbone=False, backbone=None, use_pretrained_backbone=None, backbone_config=bb)
+    seg = {f"conditional_detr.{k}": v for k, v in hf.state_dict().items()}
+    seg["mask_head.lay1.weight"] = torch.zeros(1)
+    sd, overrides = convert_hf_checkpoint(seg, hf.config)
+    assert overrides["model.backbone.depth"] == 18
+    ours = our_model(overrides)
+    ours.load_state_dict(sd, strict=True)
+    compare(hf, ours, *inputs())
