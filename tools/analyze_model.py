@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Parameters, FLOPs (fvcore, multiply-adds) and activations of any d2detr config at a given
+input size, as a Markdown table per top-level module.
+
+    python tools/analyze_model.py --config-file CFG [--input-size 800 1333] [--json OUT.json] \
+        [--sample-image IMG] [key=value ...]
+
+The model runs one image through its whole inference graph (normalisation, backbone,
+transformer, heads, post-processing). Deformable attention (d2detr::ms_deform_attn) is counted
+as N*Q*M*D*L*P*5 (bilinear 4 + weight 1 per point and channel); attention through
+scaled_dot_product_attention as 2*B*H*Lq*Lk*D. No checkpoint is needed (weights do not change
+the counts).
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from d2detr.export.analysis import analyze_model, format_table  # noqa: E402
+from d2detr.export.cli import load_config, read_image  # noqa: E402
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--input-size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"),
+                        help="image height and width (default 800 1333, COCO's test size)")
+    parser.add_argument("--sample-image", help="use this image (its own size) instead of --input-size")
+    parser.add_argument("--json", help="also write the numbers to this file")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="key=value config overrides")
+    return parser
+
+
+def main(args):
+    from detectron2.config import instantiate
+
+    logging.basicConfig(level=logging.WARNING)
+    cfg = load_config(args.config_file, args.opts)
+    model = instantiate(cfg.model).eval()
+    if args.sample_image:
+        image = read_image(args.sample_image, getattr(model, "input_format", "RGB"))
+    else:
+        h, w = args.input_size
+        image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    stats = analyze_model(model, image)
+    print(format_table(stats))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(stats, f, indent=2)
+    return stats
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())

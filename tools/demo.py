@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Run a d2detr model on images, folders or a video and draw its detections with Detectron2's
+Visualizer and the dataset's class names.
+
+    python tools/demo.py --config-file CFG --input img1.jpg img2.png folder/ --output out/ \
+        [--confidence-threshold 0.5] [--device cpu|cuda] [--dataset NAME] train.init_checkpoint=model.pth
+    python tools/demo.py --config-file CFG --video-input clip.mp4 --output out.mp4 ...
+
+Images are written as PNG to the --output folder (same base name); a video is written frame by
+frame (mp4v) to --output (a file, or a folder that gets <name>.mp4). Images are resized like the
+test loader (shortest edge --min-size, longest at most --max-size; --min-size 0 keeps them as
+they are); boxes are drawn on the original image. Class names come from --dataset, else from the
+config's test dataset (d2detr's datasets are registered first).
+"""
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from detectron2.data import MetadataCatalog  # noqa: E402
+from detectron2.data import transforms as T  # noqa: E402
+from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
+
+from d2detr.export.cli import build_model, dataset_class_names, list_images, load_config  # noqa: E402
+
+logger = logging.getLogger("d2detr.demo")
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--input", nargs="+", help="image files and/or folders of images")
+    parser.add_argument("--video-input", help="a video file")
+    parser.add_argument("--output", required=True, help="folder for images; file or folder for a video")
+    parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--dataset", help="dataset whose class names to use (default: the config's test set)")
+    parser.add_argument("--min-size", type=int, default=800, help="test-time shortest edge (0: no resize)")
+    parser.add_argument("--max-size", type=int, default=1333, help="test-time longest edge")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="key=value config overrides")
+    return parser
+
+
+class Predictor:
+    """Detectron2's DefaultPredictor for a LazyConfig model: one BGR ``HxWx3`` uint8 array in,
+    ``Instances`` on the CPU in that image's pixel coordinates out."""
+
+    def __init__(self, model, min_size=800, max_size=1333):
+        self.model = model
+        self.input_format = getattr(model, "input_format", "RGB")
+        self.aug = T.ResizeShortestEdge(min_size, max_size) if min_size > 0 else None
+
+    @torch.no_grad()
+    def __call__(self, bgr: np.ndarray):
+        h, w = bgr.shape[:2]
+        image = bgr[:, :, ::-1] if self.input_format == "RGB" else bgr
+        if self.aug is not None:
+            image = self.aug.get_transform(image).apply_image(image)
+        tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return self.model([{"image": tensor, "height": h, "width": w}])[0]["instances"].to("cpu")
+
+
+def metadata_for(cfg, dataset, num_classes):
+    classes = dataset_class_names(cfg, dataset, num_classes)
+    name = dataset or "__d2detr_demo"
+    meta = MetadataCatalog.get(name)
+    if not meta.get("thing_classes", None):
+        meta.set(thing_classes=classes)
+    return meta
+
+
+def draw(bgr, instances, metadata, threshold):
+    instances = instances[instances.scores >= threshold]
+    vis = Visualizer(bgr[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE)
+    return vis.draw_instance_predictions(instances).get_image()[:, :, ::-1], len(instances)
+
+
+def run_images(predictor, paths, out_dir, metadata, threshold):
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for path in paths:
+        bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError(f"cannot read image {path}")
+        drawn, n = draw(bgr, predictor(bgr), metadata, threshold)
+        out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
+        cv2.imwrite(out, drawn)
+        logger.info(f"{path}: {n} detections >= {threshold} -> {out}")
+        written.append(out)
+    return written
+
+
+def run_video(predictor, path, out, metadata, threshold):
+    cap = cv2.VideoCapture(path)
+    if not cap.isOpened():
+        raise ValueError(f"cannot open video {path}")
+    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    if os.path.isdir(out) or out.endswith(os.sep) or not os.path.splitext(out)[1]:
+        os.makedirs(out, exist_ok=True)
+        out = os.path.join(out, os.path.splitext(os.path.basename(path))[0] + ".mp4")
+    writer = cv2.VideoWriter(out, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    frames = 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        drawn, _ = draw(frame, predictor(frame), metadata, threshold)
+        writer.write(np.ascontiguousarray(drawn))
+        frames += 1
+    cap.release()
+    writer.release()
+    logger.info(f"{path}: {frames} frames -> {out}")
+    return out
+
+
+def main(args):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if bool(args.input) == bool(args.video_input):
+        raise SystemExit("give either --input (images/folders) or --video-input")
+    cfg = load_config(args.config_file, args.opts)
+    model = build_model(cfg, args.device)
+    metadata = metadata_for(cfg, args.dataset, getattr(model, "num_classes", None))
+    predictor = Predictor(model, args.min_size, args.max_size)
+    if args.video_input:
+        return run_video(predictor, args.video_input, args.output, metadata, args.confidence_threshold)
+    return run_images(predictor, list_images(args.input), args.output, metadata, args.confidence_threshold)
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())

@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Where do the decoder queries look? The pictures the papers explain themselves with.
+
+    python tools/visualize_attention.py --config-file CFG --input img.jpg [more images/folders] \
+        --output out/ [--queries 3 17 | --topk 3] [--layer -1] [--save-data] train.init_checkpoint=model.pth
+
+For the chosen queries (default: the --topk highest-scoring ones) of decoder layer --layer
+(default the last), overlaid on the (test-resized) image with each query's predicted box, class
+and score:
+
+* deformable methods: one panel per feature level with the query's sampling points of every
+  head (dot area proportional to the attention weight; the star is the reference point);
+* DETR-style methods: one panel per query with its cross-attention map (mean over heads).
+
+Writes <output>/<image>_attention.png and, with --save-data, <image>_attention.npz (the
+queries, their boxes, and the sampling locations in pixels and weights, or the maps).
+"""
+import argparse
+import logging
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from detectron2.data import transforms as T  # noqa: E402
+from detectron2.utils.colormap import colormap  # noqa: E402
+from detectron2.utils.visualizer import Visualizer  # noqa: E402
+
+from d2detr.export import ExportableDetector  # noqa: E402
+from d2detr.export.attention_maps import AttentionRecorder, deformable_sampling  # noqa: E402
+from d2detr.export.cli import build_model, dataset_class_names, list_images, load_config  # noqa: E402
+from d2detr.layers.box_ops import box_cxcywh_to_xyxy  # noqa: E402
+
+logger = logging.getLogger("d2detr.visualize_attention")
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--input", nargs="+", required=True, help="image files and/or folders")
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--queries", type=int, nargs="+", help="query indices (default: the top --topk)")
+    parser.add_argument("--topk", type=int, default=3, help="how many top-scoring queries to draw")
+    parser.add_argument("--layer", type=int, default=-1, help="decoder layer (default: the last)")
+    parser.add_argument("--dataset", help="dataset whose class names label the boxes")
+    parser.add_argument("--min-size", type=int, default=800, help="test-time shortest edge (0: no resize)")
+    parser.add_argument("--max-size", type=int, default=1333)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--save-data", action="store_true", help="also write the numbers (.npz)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="key=value config overrides")
+    return parser
+
+
+@torch.no_grad()
+def inspect_image(model, image: torch.Tensor, layer: int = -1):
+    """Runs ``model`` on one ``[3,H,W]`` image with attention recording. Returns
+    ``(scores [Q], classes [Q], boxes [Q,4] XYXY pixels, padded input (H', W'), record)``."""
+    wrapper = ExportableDetector(model)
+    images, masks, size = wrapper.preprocess(image)
+    with AttentionRecorder(model) as recorder:
+        if wrapper.needs_targets:
+            outputs = model.forward_features(images, masks, targets=None)
+        else:
+            outputs = model.forward_features(images, masks)
+    logits = outputs["pred_logits"][0].float()
+    if getattr(model, "use_focal", False):
+        scores, classes = logits.sigmoid().max(-1)
+    else:
+        scores, classes = logits.softmax(-1)[:, :-1].max(-1)
+    h, w = size.tolist()
+    boxes = box_cxcywh_to_xyxy(outputs["pred_boxes"][0].float()) * torch.tensor([w, h, w, h])
+    record = recorder.decoder_cross_attention(logits.shape[0], layer)
+    if record is None:
+        raise RuntimeError(f"{type(model).__name__}: found no decoder cross-attention to record")
+    return scores, classes, boxes, tuple(images.tensor.shape[-2:]), record
+
+
+def _feature_size(num_tokens: int, padded_hw):
+    """(h, w) of the single feature map a dense cross-attention attends over."""
+    H, W = padded_hw
+    for stride in (32, 16, 8, 64, 4, 2, 1, 128):
+        h, w = math.ceil(H / stride), math.ceil(W / stride)
+        if h * w == num_tokens:
+            return h, w
+    raise ValueError(f"cannot lay {num_tokens} keys out as a feature map of a {H}x{W} input")
+
+
+def _base(rgb, box, label, color):
+    vis = Visualizer(rgb)
+    return vis.overlay_instances(boxes=[box], labels=[label], assigned_colors=[color]).get_image()
+
+
+def draw(rgb, queries, scores, classes, boxes, padded_hw, record, class_names):
+    """The panels as one RGB image, and the numbers behind them."""
+    colors = colormap(rgb=True, maximum=1)
+    H, W = rgb.shape[:2]
+    Hp, Wp = padded_hw
+    labels = [
+        f"q{q} {class_names[int(classes[q])] if int(classes[q]) < len(class_names) else int(classes[q])} "
+        f"{float(scores[q]):.2f}"
+        for q in queries
+    ]
+    data = {"queries": np.array(queries), "boxes": boxes[queries].numpy(), "scores": scores[queries].numpy()}
+    panels = []
+    if record.kind == "deformable":
+        locations, weights = deformable_sampling(record.module, record)
+        locations = locations[0, queries] * torch.tensor([Wp, Hp], dtype=locations.dtype)  # [n,M,L,P,2] pixels
+        weights = weights[0, queries]  # [n,M,L,P]
+        ref = record.data["reference_points"][0, queries]  # [n,L,2|4]
+        ref_xy = ref[..., :2] * torch.tensor([Wp, Hp], dtype=ref.dtype)
+        shapes = record.data["spatial_shapes"].tolist()
+        for lvl in range(locations.shape[2]):
+            canvas = rgb.copy()
+            for i, q in enumerate(queries):
+                canvas = _base(canvas, boxes[q].numpy(), labels[i], colors[i % len(colors)])
+            canvas = np.ascontiguousarray(canvas)
+            overlay = canvas.copy()
+            for i in range(len(queries)):
+                color = tuple(int(c * 255) for c in colors[i % len(colors)])
+                pts, wts = locations[i, :, lvl].reshape(-1, 2), weights[i, :, lvl].reshape(-1)
+                for (x, y), wt in zip(pts.tolist(), wts.tolist()):
+                    radius = max(1, int(round(2 + 14 * math.sqrt(wt))))
+                    cv2.circle(overlay, (int(round(x)), int(round(y))), radius, color, -1, cv2.LINE_AA)
+                rx, ry = ref_xy[i, lvl].tolist()
+                cv2.drawMarker(canvas, (int(round(rx)), int(round(ry))), color, cv2.MARKER_STAR, 14, 2)
+            canvas = cv2.addWeighted(overlay, 0.6, canvas, 0.4, 0)
+            h_l, w_l = shapes[lvl]
+            cv2.putText(canvas, f"level {lvl} ({h_l}x{w_l})", (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                        (255, 255, 255), 1, cv2.LINE_AA)
+            panels.append(canvas)
+        data.update(sampling_locations=locations.numpy(), attention_weights=weights.numpy(),
+                    reference_points=ref_xy.numpy(), spatial_shapes=np.array(shapes))
+    else:
+        w = record.data["weights"][0]  # [heads, Q, S]
+        h_f, w_f = _feature_size(w.shape[-1], padded_hw)
+        maps = w[:, queries].mean(0).reshape(len(queries), h_f, w_f)  # [n, h, w]
+        for i, q in enumerate(queries):
+            m = maps[i].numpy()
+            m = cv2.resize(m / max(m.max(), 1e-12), (Wp, Hp), interpolation=cv2.INTER_NEAREST)[:H, :W]
+            heat = cv2.applyColorMap((m * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
+            canvas = cv2.addWeighted(rgb, 0.5, heat, 0.5, 0)
+            panels.append(np.ascontiguousarray(_base(canvas, boxes[q].numpy(), labels[i], colors[i % len(colors)])))
+        data.update(attention_maps=maps.numpy())
+    return np.concatenate(panels, axis=1), data
+
+
+def main(args):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config_file, args.opts)
+    model = build_model(cfg, args.device)
+    class_names = dataset_class_names(cfg, args.dataset, getattr(model, "num_classes", None))
+    aug = T.ResizeShortestEdge(args.min_size, args.max_size) if args.min_size > 0 else None
+    os.makedirs(args.output, exist_ok=True)
+    written = []
+    for path in list_images(args.input):
+        bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError(f"cannot read image {path}")
+        rgb = bgr[:, :, ::-1]
+        if aug is not None:
+            rgb = aug.get_transform(rgb).apply_image(rgb)
+        rgb = np.ascontiguousarray(rgb)
+        model_input = rgb if getattr(model, "input_format", "RGB") == "RGB" else rgb[:, :, ::-1]
+        image = torch.as_tensor(np.ascontiguousarray(model_input.transpose(2, 0, 1))).to(args.device)
+        scores, classes, boxes, padded_hw, record = inspect_image(model, image, args.layer)
+        scores, classes, boxes = scores.cpu(), classes.cpu(), boxes.cpu()
+        queries = args.queries or scores.topk(min(args.topk, scores.numel())).indices.tolist()
+        picture, data = draw(rgb, queries, scores, classes, boxes, padded_hw, record, class_names)
+        stem = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + "_attention")
+        cv2.imwrite(stem + ".png", picture[:, :, ::-1])
+        if args.save_data:
+            np.savez(stem + ".npz", layer=record.name, **data)
+        logger.info(f"{path}: queries {queries} of {record.name} -> {stem}.png")
+        written.append(stem + ".png")
+    return written
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())
