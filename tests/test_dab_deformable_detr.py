@@ -198,6 +198,7 @@ def test_export_wrapper_traces_and_matches_eager():
     torch.testing.assert_close(ts, es, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # ~45 s on 2 CPU cores
 def test_torch_export_with_dynamic_image_size(tmp_path):
     api = pytest.importorskip("d2detr.export.api")
     from d2detr.export.wrapper import ExportableDetector
