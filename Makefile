@@ -26,7 +26,7 @@ test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 demo: install
-	$(PY) tools/demo_train.py
+	$(PY) tools/neon_trees_demo.py
 
 bench: install
 	$(PY) tools/benchmark_ms_deform_attn.py
