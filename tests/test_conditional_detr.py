@@ -13,6 +13,7 @@ from d2detr.modeling.conditional_transformer import (
     ConditionalAttention,
     ConditionalDetrTransformer,
     gen_sineembed_for_position,
+    record_cross_attention,
 )
 from d2detr.modeling.criterion import SetCriterion
 
@@ -278,3 +279,17 @@ def test_torch_export_with_dynamic_image_size(tmp_path):
         ref = ExportableDetector(model)(img2)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_record_cross_attention_context_manager():
+    model = tiny().eval()
+    images, masks = model.preprocess_image(synthetic_batch())
+    with torch.no_grad(), record_cross_attention(model) as maps:
+        model.forward_features(images, masks)
+    assert len(maps) == 3 and all(m.shape == (2, 12, 4) for m in maps)
+    with torch.no_grad():
+        model.forward_features(images, masks)
+    assert len(maps) == 3  # hooks removed on exit
+    with pytest.raises(ValueError):
+        with record_cross_attention(torch.nn.Linear(2, 2)):
+            pass

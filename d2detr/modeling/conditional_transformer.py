@@ -25,7 +25,8 @@ Names follow the official implementation (Atten4Vis/ConditionalDETR, ``models/tr
 """
 import copy
 import math
-from typing import List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ __all__ = [
     "ConditionalDecoderLayer",
     "ConditionalDetrDecoder",
     "ConditionalDetrTransformer",
+    "record_cross_attention",
 ]
 
 
@@ -314,3 +316,30 @@ class ConditionalDetrTransformer(nn.Module):
         hs, reference = self.decoder(torch.zeros_like(query_pos), memory, pos, query_pos,
                                      memory_key_padding_mask=mask)
         return hs, reference, memory.transpose(1, 2).reshape(bs, c, h, w)
+
+
+@contextmanager
+def record_cross_attention(model: nn.Module) -> Iterator[List[Tensor]]:
+    """Collects the head-averaged cross-attention maps ``[B, Q, HW]`` of every conditional
+    decoder layer (in layer order) during the forward passes run inside the block::
+
+        with record_cross_attention(model) as maps:
+            model.forward_features(images, masks)
+        # maps[i][b, q] reshaped to the feature map's (H, W): where query q of layer i looks
+
+    Works for every model built from :class:`ConditionalDecoderLayer` (Conditional DETR,
+    DAB-DETR, ...); the maps are detached.
+    """
+    maps: List[Tensor] = []
+    hooks = [
+        layer.cross_attn.register_forward_hook(lambda _m, _i, out: maps.append(out[1].detach()))
+        for layer in model.modules()
+        if isinstance(layer, ConditionalDecoderLayer)
+    ]
+    if not hooks:
+        raise ValueError(f"{type(model).__name__} has no ConditionalDecoderLayer to record")
+    try:
+        yield maps
+    finally:
+        for h in hooks:
+            h.remove()
