@@ -9,8 +9,8 @@ SOURCE is a Hugging Face model folder (``config.json`` + ``model.safetensors`` o
 ``config.json`` beside it, otherwise the sizes are read off the tensors and the
 number of attention heads defaults to 8). Supported ``model_type``s:
 ``detr`` (DetrForObjectDetection / DetrForSegmentation's detector),
-``deformable_detr`` (plain, box refinement, two-stage), whatever else is
-registered in ``d2detr.checkpoint``, and two non-HF sources recognised by
+``deformable_detr`` (plain, box refinement, two-stage), ``conditional_detr``,
+``dab-detr``, whatever else is registered in ``d2detr.checkpoint``, and two non-HF sources recognised by
 their keys: ``torchvision_resnet`` (ImageNet ResNets -> backbone weights for
 ``train.init_checkpoint``) and ``detr_official`` (facebookresearch/detr).
 
