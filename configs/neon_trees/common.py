@@ -1,0 +1,91 @@
+"""What the five convergence-comparison configs share (``tools/compare_convergence.py``).
+
+Everything except the model: data, optimizer, schedule, seed. The choices are the
+NEON-trees demo's (``projects/deformable_detr/configs/deformable_detr_mobilenetv2_neon_trees.py``):
+``neon_trees_train`` (66 aerial 400x400 tiles, one class "tree"), short edges 352..480 with
+horizontal and vertical flips for training, 416 at test, batch 2, AdamW with weight decay 1e-4,
+gradient clipping 0.1, a 3 % linear warmup and a x0.1 drop at 80 % of ``train.max_iter``.
+
+The size constants below are applied by every method's config, so the five models differ
+only in what their papers change: d_model 128, 8 heads, 2 encoder + 2 decoder layers,
+FFN 512 (Deformable DETR's 1024 : 256 ratio is 4x as well), 100 queries, one class.
+"""
+from detectron2.config import LazyCall as L
+from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import transforms as T
+from detectron2.evaluation import COCOEvaluator
+from detectron2.solver import WarmupParamScheduler
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+from omegaconf import OmegaConf
+
+import d2detr.data.datasets  # noqa: F401  (registers neon_trees_train / neon_trees_val)
+from d2detr.data.detr_dataset_mapper import DetrDatasetMapper
+
+from ..common.optim import AdamW as optimizer
+from ..common.train import train
+
+# ------------------------------------------------------------- shared model sizes
+D_MODEL = 128
+NUM_HEADS = 8
+FFN_DIM = 4 * D_MODEL
+ENC_LAYERS = 2
+DEC_LAYERS = 2
+NUM_QUERIES = 100  # the densest tile holds about 60 crowns
+NUM_CLASSES = 1
+#: MobileNetV2 (ImageNet, offline weights, FrozenBN, stem + stride-4 frozen) output channels.
+MOBILENET_CHANNELS = {"res3": (32, 8), "res4": (96, 16), "res5": (320, 32)}
+
+# ----------------------------------------------------------------------------- data
+TRAIN_SIZES = (352, 384, 416, 448, 480)
+TEST_SIZE = 416
+
+dataloader = OmegaConf.create()
+dataloader.train = L(build_detection_train_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="neon_trees_train", filter_empty=False),
+    mapper=L(DetrDatasetMapper)(
+        is_train=True,
+        augmentation=[
+            L(T.RandomFlip)(horizontal=True, vertical=False),
+            L(T.RandomFlip)(horizontal=False, vertical=True),
+            L(T.ResizeShortestEdge)(short_edge_length=TRAIN_SIZES, max_size=800, sample_style="choice"),
+        ],
+        image_format="RGB",
+    ),
+    total_batch_size=2,
+    # In the main process: the sampler and the augmentations then draw from RNGs seeded by
+    # train.seed only, so every method sees the same images, flips and sizes in the same order.
+    num_workers=0,
+)
+dataloader.test = L(build_detection_test_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="neon_trees_val", filter_empty=False),
+    mapper=L(DetrDatasetMapper)(
+        is_train=False,
+        augmentation=[L(T.ResizeShortestEdge)(short_edge_length=TEST_SIZE, max_size=800)],
+        image_format="RGB",
+    ),
+    num_workers=0,
+)
+dataloader.evaluator = L(COCOEvaluator)(
+    dataset_name="${..test.dataset.names}",
+    output_dir=None,  # <train.output_dir>/inference
+    use_fast_impl=False,
+)
+
+# ------------------------------------------------------------------------ optimizer
+# Each method's config sets optimizer.lr and the per-parameter lr factors of its paper.
+
+# ------------------------------------------------------------------------- schedule
+train.max_iter = 400
+train.device = "cpu"
+train.output_dir = "./output/convergence"
+train.eval_period = 100
+train.log_period = 20
+train.checkpointer = dict(period=100000, max_to_keep=1)
+train.seed = 42
+
+lr_multiplier = L(WarmupParamScheduler)(
+    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[8], num_updates=10),
+    warmup_length=0.03,
+    warmup_method="linear",
+    warmup_factor=0.01,
+)
