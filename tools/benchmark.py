@@ -6,12 +6,14 @@
         --height 416 --width 416
     python tools/benchmark.py --compare-hf --threads 2          # CPU: vs transformers, same weights
 
-Each measurement (model x inference / training step) runs in its own child process:
-the model is built, one warm-up run is made, then ``--runs`` timed runs; the median is
-reported. Peak memory is the process's peak resident set size during the warm-up and
-timed runs minus its RSS just before them (``ru_maxrss`` when the runs raised the high-water mark, else a
-5 ms RSS sampler), i.e. the activations, gradients and optimizer state the step needs on
-top of the model; on CUDA it is ``torch.cuda.max_memory_allocated`` over the runs.
+Times are measured in this process: one warm-up run of each model, then ``--runs``
+timed runs (``--train-runs`` for training steps), alternating between the models run by
+run so that load changes hit them alike; the median is reported. Peak memory is measured
+in one fresh child process per model and measurement (one inference; two training steps,
+the second with the optimizer state the first created): the peak resident set size during
+the runs minus the RSS just before them (``ru_maxrss`` when the runs raised the
+high-water mark, else a 5 ms RSS sampler) -- the activations, gradients and optimizer
+state on top of the model. On CUDA it is ``torch.cuda.max_memory_allocated``.
 A training step is forward + loss + backward + AdamW step on one image with 10 boxes.
 
 ``--compare-hf`` (Deformable DETR only): builds Hugging Face's
@@ -221,27 +223,21 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run_worker(args):
-    """One measurement; prints a JSON line. ``args.worker`` = "<ours|hf>:<infer|train>"."""
+def load_model(impl, args, weights):
+    if impl == "hf":
+        return build_hf(weights["hf_config"], weights["hf"])
+    return build_ours(args.config_file, args.opts, weights and weights["overrides"], weights and weights["ours"])
+
+
+def make_step(impl, model, mode, args, weights):
+    """A callable running one inference (no grad) or one training step (forward, loss,
+    backward, AdamW step) of ``model`` on the seeded image; sets eval/train mode."""
     import torch
 
-    impl, mode = args.worker.split(":")
     device = args.device
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    weights = torch.load(args.weights, map_location="cpu", weights_only=False) if args.weights else None
-    if impl == "hf":
-        model = build_hf(weights["hf_config"], weights["hf"])
-    else:
-        model = build_ours(
-            args.config_file, args.opts, weights and weights["overrides"], weights and weights["ours"]
-        )
-    model.to(device)
     num_classes = weights["hf_config"]["num_labels"] if weights else int(getattr(model, "num_classes", 80))
     image, boxes, labels = make_inputs(args.height, args.width, num_classes, device)
     train = mode == "train"
-    runs = (args.train_runs or args.runs) if train else args.runs
-
     if impl == "hf":
         mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
@@ -262,51 +258,84 @@ def run_worker(args):
             return sum(out.values()) if train else out
 
     if train:
-        model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
         def step():
+            model.train()
             loss = forward()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            _sync(device)
 
     else:
-        model.eval()
 
         def step():
+            model.eval()
             with torch.no_grad():
                 forward()
-
-    times = []
-    # The warm-up run is inside: it allocates what the later runs reuse (and the optimizer state).
-    with _PeakMemory(device) as mem:
-        step()
-        _sync(device)
-        for _ in range(runs):
-            t = time.perf_counter()
-            step()
             _sync(device)
-            times.append(time.perf_counter() - t)
-    print("RESULT " + json.dumps({"impl": impl, "mode": mode, "times": times, "peak_bytes": mem.peak}), flush=True)
+
+    return step
 
 
-def measure(args, impl, mode, weights=None):
+def run_worker(args):
+    """Peak memory of one measurement in a fresh process; prints a JSON line.
+    ``args.worker`` = "<ours|hf>:<infer|train>". A training measurement makes two steps:
+    the second runs with the optimizer state that the first one created."""
+    import torch
+
+    impl, mode = args.worker.split(":")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    weights = torch.load(args.weights, map_location="cpu", weights_only=False) if args.weights else None
+    model = load_model(impl, args, weights).to(args.device)
+    step = make_step(impl, model, mode, args, weights)
+    with _PeakMemory(args.device) as mem:
+        for _ in range(2 if mode == "train" else 1):
+            step()
+    print("RESULT " + json.dumps({"impl": impl, "mode": mode, "peak_bytes": mem.peak}), flush=True)
+
+
+def measure_memory(args, impl, mode, weights_path=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{impl}:{mode}", "--device", args.device]
     cmd += ["--config-file", args.config_file, "--height", str(args.height), "--width", str(args.width)]
-    cmd += ["--runs", str(args.runs)]
-    if args.train_runs:
-        cmd += ["--train-runs", str(args.train_runs)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    if weights:
-        cmd += ["--weights", weights]
+    if weights_path:
+        cmd += ["--weights", weights_path]
     cmd += list(args.opts)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT "):])["peak_bytes"]
     raise RuntimeError(f"benchmark worker {impl}:{mode} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def measure_times(args, impls, modes, weights):
+    """Median seconds per (impl, mode), measured in this process: after one warm-up run of
+    each, the implementations alternate run by run, so load changes hit both alike."""
+    import torch
+
+    models = {impl: load_model(impl, args, weights).to(args.device) for impl in impls}
+    times = {}
+    for mode in modes:
+        runs = (args.train_runs or args.runs) if mode == "train" else args.runs
+        steps = {impl: make_step(impl, models[impl], mode, args, weights) for impl in impls}
+        for impl in impls:
+            steps[impl]()  # warm-up
+        for impl in impls:
+            times[(impl, mode)] = []
+        for _ in range(runs):
+            for impl in impls:
+                t = time.perf_counter()
+                steps[impl]()
+                times[(impl, mode)].append(time.perf_counter() - t)
+        for impl in impls:
+            ts = times[(impl, mode)]
+            print(f"  {impl:>4} {mode:<5}: {', '.join(_fmt_time(t) for t in ts)}", flush=True)
+    del models
+    return {k: statistics.median(v) for k, v in times.items()}, times
 
 
 def _fmt_time(s):
@@ -320,37 +349,38 @@ def _fmt_mem(b):
 def main(argv=None):
     args = parse_args(argv)
     args.opts = [o for o in args.opts if o != "--"]
-    if args.device is None:
-        import torch
+    import torch
 
+    if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.worker:
         return run_worker(args)
-
-    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     modes = ["infer"] + ([] if args.no_train else ["train"])
-    weights, parity = None, None
+    impls = ["ours"] + (["hf"] if args.compare_hf else [])
+    weights, weights_path, parity = None, None, None
     tmp = tempfile.TemporaryDirectory(prefix="d2detr_bench_")
     if args.compare_hf:
-        weights, parity = prepare_hf_weights(tmp.name, args.config_file, args.opts)
-    impls = ["ours"] + (["hf"] if args.compare_hf else [])
-    results = {}
+        weights_path, parity = prepare_hf_weights(tmp.name, args.config_file, args.opts)
+        weights = torch.load(weights_path, map_location="cpu", weights_only=False)
+        print(f"same weights: max |ours - transformers| over logits and boxes = {parity:.1e}", flush=True)
+    print("timing (this process, alternating):", flush=True)
+    medians, all_times = measure_times(args, impls, modes, weights)
+    del weights
+    print("peak memory (one fresh process each):", flush=True)
+    peaks = {}
     for mode in modes:
         for impl in impls:
-            r = measure(args, impl, mode, weights)
-            results[(impl, mode)] = r
-            print(f"  {impl:>4} {mode:<5}: median {_fmt_time(statistics.median(r['times']))} "
-                  f"(runs {', '.join(_fmt_time(t) for t in r['times'])}), peak {_fmt_mem(r['peak_bytes'])}",
-                  flush=True)
+            peaks[(impl, mode)] = measure_memory(args, impl, mode, weights_path)
+            print(f"  {impl:>4} {mode:<5}: {_fmt_mem(peaks[(impl, mode)])}", flush=True)
     tmp.cleanup()
 
     threads = args.threads or torch.get_num_threads()
     print()
     print(f"device {args.device} ({threads} threads), image {args.height}x{args.width}, batch 1, "
           f"config {os.path.relpath(args.config_file, _REPO)}")
-    if parity is not None:
-        print(f"same weights: max |ours - transformers| over logits and boxes = {parity:.1e}")
     names = {"infer": "inference latency", "train": "training step"}
     if args.compare_hf:
         print("| measurement | d2detr | transformers | transformers / d2detr |")
@@ -360,13 +390,11 @@ def main(argv=None):
         print("|---|---:|")
     rows = []
     for mode in modes:
-        ours = results[("ours", mode)]
-        t_ours, m_ours = statistics.median(ours["times"]), ours["peak_bytes"]
-        row = {"mode": mode, "ours_s": t_ours, "ours_peak_bytes": m_ours}
+        t_ours, m_ours = medians[("ours", mode)], peaks[("ours", mode)]
+        row = {"mode": mode, "ours_s": t_ours, "ours_times": all_times[("ours", mode)], "ours_peak_bytes": m_ours}
         if args.compare_hf:
-            hf = results[("hf", mode)]
-            t_hf, m_hf = statistics.median(hf["times"]), hf["peak_bytes"]
-            row.update(hf_s=t_hf, hf_peak_bytes=m_hf)
+            t_hf, m_hf = medians[("hf", mode)], peaks[("hf", mode)]
+            row.update(hf_s=t_hf, hf_times=all_times[("hf", mode)], hf_peak_bytes=m_hf)
             print(f"| {names[mode]} (median) | {_fmt_time(t_ours)} | {_fmt_time(t_hf)} | {t_hf / t_ours:.2f}x |")
             print(f"| {names[mode]}: peak memory | {_fmt_mem(m_ours)} | {_fmt_mem(m_hf)} | {m_hf / max(m_ours, 1):.2f}x |")
         else:

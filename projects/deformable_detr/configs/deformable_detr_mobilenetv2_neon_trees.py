@@ -81,12 +81,12 @@ optimizer.lr = 2e-4
 optimizer.params.lr_factor_func.factors = DEFORMABLE_LR_FACTORS
 
 # ------------------------------------------------------------------------- schedule
-train.max_iter = 800
+train.max_iter = 600
 train.device = "cpu"
 train.output_dir = "./output/neon_trees_demo"
-train.eval_period = 200  # and after the last iteration: AP points for the training curve
+train.eval_period = 150  # and after the last iteration: AP points for the training curve
 train.log_period = 20
-train.checkpointer = dict(period=200, max_to_keep=2)
+train.checkpointer = dict(period=150, max_to_keep=2)
 train.seed = 42
 
 lr_multiplier = L(WarmupParamScheduler)(
