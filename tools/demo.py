@@ -87,10 +87,13 @@ def run_images(predictor, paths, out_dir, metadata, threshold):
         bgr = cv2.imread(path, cv2.IMREAD_COLOR)
         if bgr is None:
             raise ValueError(f"cannot read image {path}")
-        drawn, n = draw(bgr, predictor(bgr), metadata, threshold)
-        out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
+        drawn, num = draw(bgr, predictor(bgr), metadata, threshold)
+        stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
+        out, n_same = stem + ".png", 1
+        while out in written:  # same name in two input folders: keep both
+            out, n_same = f"{stem}_{n_same}.png", n_same + 1
         cv2.imwrite(out, drawn)
-        logger.info(f"{path}: {n} detections >= {threshold} -> {out}")
+        logger.info(f"{path}: {num} detections >= {threshold} -> {out}")
         written.append(out)
     return written
 
