@@ -20,7 +20,7 @@ A location (x, y) on level l is sampled bilinearly at pixel
 (x * W_l - 0.5, y * H_l - 0.5), with zeros outside the feature map, i.e. exactly
 ``F.grid_sample(align_corners=False, padding_mode="zeros")`` on ``2 * loc - 1``.
 """
-import glob
+import importlib.util
 import math
 import os
 import warnings
@@ -45,38 +45,30 @@ def get_library_path() -> Optional[str]:
     """Path of the compiled ``d2detr._C`` library (for ``torch.ops.load_library``
     in processes that only need the operator, e.g. to run an exported model),
     or None when it has not been built."""
-    pkg_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    candidates = sorted(glob.glob(os.path.join(pkg_dir, "_C*.so")) + glob.glob(os.path.join(pkg_dir, "_C*.pyd")))
-    return candidates[0] if candidates else None
-
-
-def _op_registered() -> bool:
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("d2detr::ms_deform_attn", "CPU")
-    except Exception:  # pragma: no cover - private API changed
-        return hasattr(torch.ops.d2detr, "ms_deform_attn")
-
-
-def _load_native() -> bool:
-    global _NATIVE_LOAD_ERROR
-    try:
-        if _op_registered():  # loaded already (torch.ops.load_library)
-            return True
-    except Exception:
-        pass
-    try:
-        import d2detr._C  # noqa: F401  registers torch.ops.d2detr.*
-    except ImportError as e:
-        _NATIVE_LOAD_ERROR = f"{type(e).__name__}: {e}"
-        return False
-    return _op_registered()
+        spec = importlib.util.find_spec("d2detr._C")
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None and spec.origin and os.path.isfile(spec.origin) else None
 
 
 def _has_kernel(key: str) -> bool:
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key("d2detr::ms_deform_attn", key)
-    except Exception:  # pragma: no cover
+    except Exception:  # the op is not registered at all
         return False
+
+
+def _load_native() -> bool:
+    global _NATIVE_LOAD_ERROR
+    if _has_kernel("CPU"):  # loaded already (e.g. torch.ops.load_library)
+        return True
+    try:
+        import d2detr._C  # noqa: F401  registers torch.ops.d2detr.*
+    except ImportError as e:
+        _NATIVE_LOAD_ERROR = f"{type(e).__name__}: {e}"
+        return False
+    return _has_kernel("CPU")
 
 
 _NATIVE = _load_native()
