@@ -44,6 +44,31 @@ model.transformer.decoder.num_layers = 2
 model.transformer.encoder.encoder_layer.ffn_dim = 64
 model.transformer.decoder.decoder_layer.ffn_dim = 64
 """
+_SMALL_MULTI_SCALE = """
+from detectron2.layers import ShapeSpec
+from d2detr.modeling.backbone import MobileNetV2Backbone
+model.backbone = L(MobileNetV2Backbone)(out_features=["res3", "res4", "res5"], pretrained=False)
+model.neck.input_shapes = {
+    "res3": L(ShapeSpec)(channels=32, stride=8),
+    "res4": L(ShapeSpec)(channels=96, stride=16),
+    "res5": L(ShapeSpec)(channels=320, stride=32),
+}
+model.neck.out_channels = 64
+model.neck.num_outs = 3
+model.position_embedding.num_pos_feats = 32
+model.embed_dim = 64
+model.num_queries = 12
+model.transformer.embed_dim = 64
+model.transformer.num_feature_levels = 3
+model.transformer.encoder.num_layers = 1
+model.transformer.decoder.num_layers = 2
+model.transformer.decoder.embed_dim = 64
+for layer in (model.transformer.encoder.encoder_layer, model.transformer.decoder.decoder_layer):
+    layer.embed_dim = 64
+    layer.num_heads = 4
+    layer.num_levels = 3
+    layer.ffn_dim = 64
+"""
 
 # method -> (model config relative to the repo, extra config lines)
 TINY_METHODS = {
@@ -51,6 +76,15 @@ TINY_METHODS = {
     "conditional_detr": (
         "projects/conditional_detr/configs/models/conditional_detr_r50.py",
         _MOBILENET_RES5 + _SMALL_DETR_TRANSFORMER,
+    ),
+    "dab_detr": ("projects/dab_detr/configs/models/dab_detr_r50.py", _MOBILENET_RES5 + _SMALL_DETR_TRANSFORMER),
+    "dab_deformable_detr": (
+        "projects/dab_deformable_detr/configs/models/dab_deformable_detr_r50.py",
+        _SMALL_MULTI_SCALE,
+    ),
+    "dab_deformable_detr_two_stage": (
+        "projects/dab_deformable_detr/configs/models/dab_deformable_detr_two_stage_r50.py",
+        _SMALL_MULTI_SCALE,
     ),
     "deformable_detr": ("projects/deformable_detr/configs/models/deformable_detr_mobilenetv2.py", _SMALL_DEFORMABLE),
     "deformable_detr_refine": (
@@ -62,7 +96,6 @@ TINY_METHODS = {
         _SMALL_DEFORMABLE + "model.with_box_refine = True\nmodel.transformer.two_stage = True\n",
     ),
 }
-DEFORMABLE = {m for m in TINY_METHODS if m.startswith("deformable")}
 
 
 def write_tiny_config(tmp_path, method, num_classes=3, extra=""):
@@ -182,8 +215,12 @@ needs_op = pytest.mark.skipif(
 @needs_op
 @pytest.mark.parametrize(
     "method",
-    # box refinement alone is covered by two-stage (which refines too): kept for -m slow
-    [pytest.param(m, marks=pytest.mark.slow) if m == "deformable_detr_refine" else m for m in sorted(TINY_METHODS)],
+    # variants whose code paths the others cover (box refinement: two-stage refines too; DAB's
+    # two-stage: Deformable DETR's two-stage + DAB's decoder) are marked slow
+    [
+        pytest.param(m, marks=pytest.mark.slow) if m in ("deformable_detr_refine", "dab_deformable_detr_two_stage") else m
+        for m in sorted(TINY_METHODS)
+    ],
 )
 def test_export_tool_fresh_process_other_size(tmp_path, method):
     """TorchScript (trace) and torch.export files from tools/export_model.py, run without d2detr

@@ -125,9 +125,9 @@ def test_recorded_sampling_reproduces_module_output(tmp_path):
             torch.testing.assert_close(w.sum((-1, -2)), torch.ones_like(w.sum((-1, -2))))
 
 
-@pytest.mark.parametrize("method", ["deformable_detr", "detr", "conditional_detr"])
+@pytest.mark.parametrize("method", ["deformable_detr", "dab_deformable_detr", "detr", "conditional_detr", "dab_detr"])
 def test_visualize_attention(tmp_path, method):
-    if method.startswith("deformable") and not native_ms_deform_attn_available("cpu"):
+    if "deformable" in method and not native_ms_deform_attn_available("cpu"):
         pytest.skip("d2detr._C not built")
     config = write_tiny_config(tmp_path, method)
     _, weights = build_tiny(config)
@@ -142,7 +142,7 @@ def test_visualize_attention(tmp_path, method):
     data = np.load(png[:-4] + ".npz")
     assert len(data["queries"]) == 2 and str(data["layer"]).split(".")[-3:-1] == ["layers", "1"]  # last layer
     assert np.all(np.diff(data["scores"]) <= 0)  # top-scoring queries first
-    if method.startswith("deformable"):
+    if "deformable" in method:
         levels = 3
         assert picture.shape == (96, 128 * levels, 3)  # one panel per level
         w, loc = data["attention_weights"], data["sampling_locations"]  # [2,M,L,P], [2,M,L,P,2]
