@@ -279,3 +279,23 @@ def test_export_refuses_deformable_model_without_native_op(tmp_path, monkeypatch
     monkeypatch.setattr(api, "native_ms_deform_attn_available", lambda device="cpu": False)
     with pytest.raises(RuntimeError, match="native d2detr._C"):
         api.export_torchscript(model, random_image(64, 64, 0), str(tmp_path / "m.ts"))
+
+
+@needs_op
+def test_padding_mask_inside_the_graph(tmp_path):
+    """With size_divisibility the graph pads and masks like Detectron2's ImageList: a trace and
+    an export made at one size match eager inference at sizes that pad differently."""
+    from d2detr.export import export_torch_export, export_torchscript
+
+    config = write_tiny_config(tmp_path, "deformable_detr", extra="model.size_divisibility = 32\n")
+    model, _ = build_tiny(config)
+    assert model.size_divisibility == 32
+    sample = random_image(96, 128, seed=1)  # no padding needed
+    traced = export_torchscript(model, sample, str(tmp_path / "m.ts"))
+    program = export_torch_export(model, sample, str(tmp_path / "m.pt2")).module()
+    for h, w in ((150, 100), (97, 161)):  # padded to 160x128, 128x192
+        image = random_image(h, w, seed=h)
+        for exported in (traced, program):
+            with torch.no_grad():
+                boxes, scores, classes = exported(image)
+            assert_matches_eager(model, image, {"boxes": boxes, "scores": scores, "classes": classes})
