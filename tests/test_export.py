@@ -293,9 +293,12 @@ def test_padding_mask_inside_the_graph(tmp_path):
     sample = random_image(96, 128, seed=1)  # no padding needed
     traced = export_torchscript(model, sample, str(tmp_path / "m.ts"))
     program = export_torch_export(model, sample, str(tmp_path / "m.pt2")).module()
+    from d2detr.export import load_exported
+
+    loaded = load_exported(str(tmp_path / "m.ts"))
     for h, w in ((150, 100), (97, 161)):  # padded to 160x128, 128x192
         image = random_image(h, w, seed=h)
-        for exported in (traced, program):
+        for exported in (traced, program, loaded):
             with torch.no_grad():
                 boxes, scores, classes = exported(image)
             assert_matches_eager(model, image, {"boxes": boxes, "scores": scores, "classes": classes})

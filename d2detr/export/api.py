@@ -96,8 +96,9 @@ def export_torchscript(
             try:
                 exported = torch.jit.script(wrapper)
             except Exception as e:  # TorchScript's frontend raises many types
+                lines = [line.strip() for line in str(e).splitlines() if line.strip()]
                 raise RuntimeError(
-                    f"{type(model).__name__} cannot be scripted ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                    f"{type(model).__name__} cannot be scripted ({type(e).__name__}: {' / '.join(lines[:3])}); "
                     "use method='trace' (or torch.export)"
                 ) from e
     else:
@@ -141,12 +142,13 @@ def read_metadata(path: str) -> Dict:
     return json.loads(extra[METADATA_FILE])
 
 
-def load_exported(path: str, device: str = "cpu"):
-    """Loads a ``.ts`` / ``.pt2`` file written here as a callable ``image -> (boxes, scores,
-    classes)``, loading the op library first (the same two lines work without d2detr)."""
+def load_exported(path: str):
+    """Loads a ``.ts`` / ``.pt2`` file written here (on the device it was exported on) as a
+    callable ``image -> (boxes, scores, classes)``, loading the op library first (the same two
+    lines work without d2detr)."""
     lib = get_library_path()
     if lib is not None and not native_ms_deform_attn_available("cpu"):
         torch.ops.load_library(lib)
     if path.endswith(".pt2"):
-        return torch.export.load(path).module().to(device)
-    return torch.jit.load(path, map_location=device)
+        return torch.export.load(path).module()
+    return torch.jit.load(path)
