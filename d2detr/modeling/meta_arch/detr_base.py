@@ -13,16 +13,33 @@ no-object), ``pred_boxes [B,Q,4]`` normalised (cx, cy, w, h) relative to the
 *unpadded* image, optionally ``aux_outputs`` (list of such dicts) and
 ``enc_outputs`` (dict) for the criterion, plus any method-specific entries.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
 from d2detr.layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 
-__all__ = ["DETRBase"]
+__all__ = ["DETRBase", "aux_outputs_list", "init_focal_heads"]
+
+
+def aux_outputs_list(outputs_class: Sequence[Tensor], outputs_coord: Sequence[Tensor]) -> List[Dict[str, Tensor]]:
+    """Per-layer ``(logits, boxes)`` (stacked ``[L,...]`` or lists) -> the ``aux_outputs`` list of
+    the criterion: one ``{"pred_logits", "pred_boxes"}`` dict per layer except the last."""
+    return [{"pred_logits": a, "pred_boxes": b} for a, b in zip(outputs_class[:-1], outputs_coord[:-1])]
+
+
+def init_focal_heads(class_embed: nn.Linear, bbox_embed: nn.Module, prior_prob: float = 0.01) -> None:
+    """The focal-loss initialisation of Deformable DETR and its successors: the class bias at
+    the foreground prior ``prior_prob`` and the box MLP's last layer (``bbox_embed.layers[-1]``)
+    at zero."""
+    nn.init.constant_(class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+    nn.init.zeros_(bbox_embed.layers[-1].weight)
+    nn.init.zeros_(bbox_embed.layers[-1].bias)
 
 
 class DETRBase(nn.Module):
@@ -85,6 +102,52 @@ class DETRBase(nn.Module):
         """``images.tensor [B,3,H,W]`` normalised, padded; ``masks [B,H,W]`` True on
         padding. Returns the ``outputs`` dict described in the module docstring."""
         raise NotImplementedError
+
+    # ------------------------------------------- shared by the method subclasses
+    def init_single_scale(
+        self,
+        *,
+        position_embedding: nn.Module,
+        transformer: nn.Module,
+        num_queries: int,
+        aux_loss: bool,
+        in_feature: str,
+    ) -> int:
+        """Set-up shared by the single-scale detectors (DETR, Conditional DETR, DAB-DETR):
+        checks ``in_feature`` and ``num_queries``, stores them with ``aux_loss``,
+        ``position_embedding`` and ``transformer``, and creates the 1x1 ``input_proj`` from
+        the backbone feature to ``transformer.d_model``, which it returns."""
+        shapes = self.backbone.output_shape()
+        if in_feature not in shapes:
+            raise ValueError(f"backbone has no output {in_feature!r}; it gives {sorted(shapes)}")
+        if num_queries < 1:
+            raise ValueError(f"num_queries must be positive, got {num_queries}")
+        d_model = transformer.d_model
+        self.in_feature = in_feature
+        self.num_queries = num_queries
+        self.aux_loss = aux_loss
+        self.position_embedding = position_embedding
+        self.transformer = transformer
+        self.input_proj = nn.Conv2d(shapes[in_feature].channels, d_model, kernel_size=1)
+        return d_model
+
+    def mask_and_position(self, feature: Tensor, masks: Tensor) -> Tuple[Tensor, Tensor]:
+        """``masks [B,H,W]`` (True on padding) resized to ``feature [B,C,h,w]`` and
+        ``self.position_embedding`` of it in the feature's dtype: ``(mask [B,h,w], pos [B,d,h,w])``."""
+        mask = F.interpolate(masks[None].float(), size=feature.shape[-2:]).to(torch.bool)[0]
+        return mask, self.position_embedding(mask).to(feature.dtype)
+
+    def single_scale_features(self, images: Union[ImageList, Tensor], masks: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Backbone ``in_feature`` -> ``(input_proj(feature), mask, pos)``, the transformer's
+        inputs in the single-scale detectors (see :meth:`init_single_scale`)."""
+        x = images.tensor if isinstance(images, ImageList) else images
+        feat = self.backbone(x)[self.in_feature]
+        mask, pos = self.mask_and_position(feat, masks)
+        return self.input_proj(feat), mask, pos
+
+    def aux_outputs(self, outputs_class: Sequence[Tensor], outputs_coord: Sequence[Tensor]) -> List[Dict[str, Tensor]]:
+        """:func:`aux_outputs_list` when ``self.aux_loss``, else ``[]``."""
+        return aux_outputs_list(outputs_class, outputs_coord) if self.aux_loss else []
 
     # ------------------------------------------------------------------ input
     def normalize(self, image: Tensor) -> Tensor:

@@ -4,10 +4,9 @@ content embeddings plus learned 4-D anchor boxes (see :mod:`.transformer`).
 Everything else -- backbone, neck, per-layer heads with iterative box refinement, two-stage
 proposal heads, losses and inference -- is :class:`DeformableDETR`'s.
 """
-from typing import Dict, List
+from typing import Dict
 
 import torch
-import torch.nn.functional as F
 from detectron2.structures import ImageList
 from torch import Tensor, nn
 
@@ -45,14 +44,7 @@ class DABDeformableDETR(DeformableDETR):
                     self.refpoint_embed.weight[:, :2] = inverse_sigmoid(self.refpoint_embed.weight[:, :2])
 
     def forward_features(self, images: ImageList, masks: Tensor) -> Dict:
-        x = images.tensor if isinstance(images, ImageList) else images
-        srcs = self.neck(self.backbone(x))
-        level_masks: List[Tensor] = []
-        pos_embeds: List[Tensor] = []
-        for src in srcs:
-            mask = F.interpolate(masks[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
-            level_masks.append(mask)
-            pos_embeds.append(self.position_embedding(mask).to(src.dtype))
+        srcs, level_masks, pos_embeds = self.multi_scale_features(images, masks)
         query = None if self.two_stage else (self.tgt_embed.weight, self.refpoint_embed.weight)
         hs, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
             srcs, level_masks, pos_embeds, query
@@ -64,10 +56,4 @@ class DABDeformableDETR(DeformableDETR):
             outputs_coords.append((self.bbox_embed[lvl](hs[lvl]) + inverse_sigmoid(reference)).sigmoid())
         out = {"pred_logits": outputs_classes[-1], "pred_boxes": outputs_coords[-1],
                "anchors": torch.cat([init_reference[None], inter_references[:-1]])}
-        if self.training and self.aux_loss:
-            out["aux_outputs"] = [
-                {"pred_logits": a, "pred_boxes": b} for a, b in zip(outputs_classes[:-1], outputs_coords[:-1])
-            ]
-        if self.training and self.two_stage:
-            out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
-        return out
+        return self.add_training_outputs(out, outputs_classes, outputs_coords, enc_class, enc_coord_unact)

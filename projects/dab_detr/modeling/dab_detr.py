@@ -10,16 +10,15 @@ head. Detectron2 I/O, losses and inference live in :class:`~d2detr.modeling.meta
 Parameter names follow the official implementation (``input_proj``, ``refpoint_embed``,
 ``class_embed``, ``bbox_embed`` -- also registered as ``transformer.decoder.bbox_embed``).
 """
-import math
 from typing import Dict, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from detectron2.structures import ImageList
 from torch import Tensor, nn
 
 from d2detr.layers import MLP, inverse_sigmoid
 from d2detr.modeling.meta_arch import DETRBase
+from d2detr.modeling.meta_arch.detr_base import init_focal_heads
 
 __all__ = ["DABDETR"]
 
@@ -76,18 +75,13 @@ class DABDETR(DETRBase):
             size_divisibility=size_divisibility,
             input_format=input_format,
         )
-        shapes = backbone.output_shape()
-        if in_feature not in shapes:
-            raise ValueError(f"backbone has no output {in_feature!r}; it gives {sorted(shapes)}")
-        if num_queries < 1:
-            raise ValueError(f"num_queries must be positive, got {num_queries}")
-        d_model = transformer.d_model
-        self.in_feature = in_feature
-        self.num_queries = num_queries
-        self.aux_loss = aux_loss
-        self.position_embedding = position_embedding
-        self.transformer = transformer
-        self.input_proj = nn.Conv2d(shapes[in_feature].channels, d_model, kernel_size=1)
+        d_model = self.init_single_scale(
+            position_embedding=position_embedding,
+            transformer=transformer,
+            num_queries=num_queries,
+            aux_loss=aux_loss,
+            in_feature=in_feature,
+        )
         self.refpoint_embed = nn.Embedding(num_queries, 4)
         self.random_refpoints_xy = random_refpoints_xy
         if random_refpoints_xy:
@@ -96,9 +90,7 @@ class DABDETR(DETRBase):
                 self.refpoint_embed.weight[:, :2] = inverse_sigmoid(self.refpoint_embed.weight[:, :2])
         self.class_embed = nn.Linear(d_model, num_classes)
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
-        nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
-        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
-        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        init_focal_heads(self.class_embed, self.bbox_embed, prior_prob)
         if iter_update:
             self.transformer.decoder.bbox_embed = self.bbox_embed
 
@@ -107,19 +99,13 @@ class DABDETR(DETRBase):
         on padding -> ``{"pred_logits" [B,Q',C], "pred_boxes" [B,Q',4] (cxcywh in [0,1] of the
         unpadded image), "anchors" [L,B,Q',4] (each layer's input anchors), "aux_outputs"}``
         with ``Q' = num_queries * max(num_patterns, 1)``."""
-        x = images.tensor if isinstance(images, ImageList) else images
-        feat = self.backbone(x)[self.in_feature]
-        mask = F.interpolate(masks[None].float(), size=feat.shape[-2:]).to(torch.bool)[0]
-        pos = self.position_embedding(mask).to(feat.dtype)
-        hs, anchors, _ = self.transformer(self.input_proj(feat), mask, self.refpoint_embed.weight, pos)
+        src, mask, pos = self.single_scale_features(images, masks)
+        hs, anchors, _ = self.transformer(src, mask, self.refpoint_embed.weight, pos)
         outputs_class = self.class_embed(hs)
         outputs_coord = (self.bbox_embed(hs) + inverse_sigmoid(anchors)).sigmoid()
-        aux = []
-        if self.aux_loss:
-            aux = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(outputs_class[:-1], outputs_coord[:-1])]
         return {
             "pred_logits": outputs_class[-1],
             "pred_boxes": outputs_coord[-1],
             "anchors": anchors,
-            "aux_outputs": aux,
+            "aux_outputs": self.aux_outputs(outputs_class, outputs_coord),
         }

@@ -4,17 +4,15 @@ Single-scale, multi-scale, + iterative bounding box refinement, + two-stage, fol
 official implementation (fundamentalvision/Deformable-DETR, ``models/deformable_detr.py``).
 """
 import copy
-import math
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from detectron2.structures import ImageList
 from torch import Tensor, nn
 
 from d2detr.layers.box_ops import inverse_sigmoid
 from d2detr.layers.mlp import MLP
-from d2detr.modeling.meta_arch.detr_base import DETRBase
+from d2detr.modeling.meta_arch.detr_base import DETRBase, aux_outputs_list, init_focal_heads
 
 from .transformer import DeformableDetrTransformer
 
@@ -100,10 +98,7 @@ class DeformableDETR(DETRBase):
 
         class_embed = nn.Linear(embed_dim, num_classes)
         bbox_embed = MLP(embed_dim, embed_dim, 4, 3)
-        prior_prob = 0.01
-        nn.init.constant_(class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
-        nn.init.constant_(bbox_embed.layers[-1].weight, 0.0)
-        nn.init.constant_(bbox_embed.layers[-1].bias, 0.0)
+        init_focal_heads(class_embed, bbox_embed, prior_prob=0.01)
 
         # the two-stage proposal heads are the extra (num_decoder_layers-th) ones
         num_pred = transformer.decoder.num_layers + (1 if two_stage else 0)
@@ -123,15 +118,34 @@ class DeformableDETR(DETRBase):
             for box_embed in self.bbox_embed:
                 nn.init.constant_(box_embed.layers[-1].bias[2:], 0.0)
 
-    def forward_features(self, images: ImageList, masks: Tensor) -> Dict:
-        features = self.backbone(images.tensor)
-        srcs = self.neck(features)
+    def multi_scale_features(
+        self, images: Union[ImageList, Tensor], masks: Tensor
+    ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+        """Backbone -> neck -> ``(srcs, level_masks, pos_embeds)``, one of each per level."""
+        x = images.tensor if isinstance(images, ImageList) else images
+        srcs = self.neck(self.backbone(x))
         level_masks: List[Tensor] = []
         pos_embeds: List[Tensor] = []
         for src in srcs:
-            mask = F.interpolate(masks[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
+            mask, pos = self.mask_and_position(src, masks)
             level_masks.append(mask)
-            pos_embeds.append(self.position_embedding(mask).to(src.dtype))
+            pos_embeds.append(pos)
+        return srcs, level_masks, pos_embeds
+
+    def add_training_outputs(
+        self, out: Dict, outputs_classes: List[Tensor], outputs_coords: List[Tensor],
+        enc_class: Optional[Tensor], enc_coord_unact: Optional[Tensor],
+    ) -> Dict:
+        """In training, adds ``aux_outputs`` (with ``aux_loss``) and, two-stage, the encoder
+        proposals as ``enc_outputs`` to ``out``; returns it."""
+        if self.training and self.aux_loss:
+            out["aux_outputs"] = aux_outputs_list(outputs_classes, outputs_coords)
+        if self.training and self.two_stage:
+            out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
+        return out
+
+    def forward_features(self, images: ImageList, masks: Tensor) -> Dict:
+        srcs, level_masks, pos_embeds = self.multi_scale_features(images, masks)
 
         query_embed = None if self.two_stage else self.query_embed.weight
         hs, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
@@ -153,10 +167,4 @@ class DeformableDETR(DETRBase):
             outputs_coords.append(tmp.sigmoid())
 
         out = {"pred_logits": outputs_classes[-1], "pred_boxes": outputs_coords[-1]}
-        if self.training and self.aux_loss:
-            out["aux_outputs"] = [
-                {"pred_logits": a, "pred_boxes": b} for a, b in zip(outputs_classes[:-1], outputs_coords[:-1])
-            ]
-        if self.training and self.two_stage:
-            out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
-        return out
+        return self.add_training_outputs(out, outputs_classes, outputs_coords, enc_class, enc_coord_unact)

@@ -12,8 +12,6 @@ Parameter names follow the official implementation (``input_proj``,
 """
 from typing import Dict, Sequence, Union
 
-import torch
-import torch.nn.functional as F
 from detectron2.structures import ImageList
 from torch import Tensor, nn
 
@@ -66,16 +64,13 @@ class DETR(DETRBase):
             size_divisibility=size_divisibility,
             input_format=input_format,
         )
-        shapes = backbone.output_shape()
-        if in_feature not in shapes:
-            raise ValueError(f"backbone has no output {in_feature!r}; it gives {sorted(shapes)}")
-        d_model = transformer.d_model
-        self.in_feature = in_feature
-        self.num_queries = num_queries
-        self.aux_loss = aux_loss
-        self.position_embedding = position_embedding
-        self.transformer = transformer
-        self.input_proj = nn.Conv2d(shapes[in_feature].channels, d_model, kernel_size=1)
+        d_model = self.init_single_scale(
+            position_embedding=position_embedding,
+            transformer=transformer,
+            num_queries=num_queries,
+            aux_loss=aux_loss,
+            in_feature=in_feature,
+        )
         self.query_embed = nn.Embedding(num_queries, d_model)
         self.class_embed = nn.Linear(d_model, num_classes + 1)
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
@@ -84,23 +79,12 @@ class DETR(DETRBase):
         """``images`` normalised ``[B,3,H,W]`` (or their ``ImageList``), ``masks [B,H,W]``
         True on padding -> ``{"pred_logits" [B,Q,C+1], "pred_boxes" [B,Q,4] (cxcywh in
         [0,1] of the unpadded image), "aux_outputs": [...] one dict per earlier decoder layer}``."""
-        x = images.tensor if isinstance(images, ImageList) else images
-        feat = self.backbone(x)[self.in_feature]
-        mask = F.interpolate(masks[None].float(), size=feat.shape[-2:]).to(torch.bool)[0]
-        pos = self.position_embedding(mask).to(feat.dtype)
-        hs, _ = self.transformer(self.input_proj(feat), mask, self.query_embed.weight, pos)
+        src, mask, pos = self.single_scale_features(images, masks)
+        hs, _ = self.transformer(src, mask, self.query_embed.weight, pos)
         outputs_class = self.class_embed(hs)
         outputs_coord = self.bbox_embed(hs).sigmoid()
         return {
             "pred_logits": outputs_class[-1],
             "pred_boxes": outputs_coord[-1],
-            "aux_outputs": self._aux_outputs(outputs_class, outputs_coord),
+            "aux_outputs": self.aux_outputs(outputs_class, outputs_coord),
         }
-
-    def _aux_outputs(self, outputs_class: Tensor, outputs_coord: Tensor):
-        if not self.aux_loss:
-            return []
-        return [
-            {"pred_logits": a, "pred_boxes": b}
-            for a, b in zip(outputs_class[:-1], outputs_coord[:-1])
-        ]
