@@ -23,7 +23,6 @@ Names follow the official implementation (Atten4Vis/ConditionalDETR, ``models/tr
 * :class:`ConditionalDetrDecoder` / :class:`ConditionalDetrTransformer` -- Conditional DETR's
   decoder and the DETR encoder + that decoder.
 """
-import copy
 import math
 from contextlib import contextmanager
 from typing import Iterator, List, Optional, Tuple
@@ -33,7 +32,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2detr.layers.mlp import MLP
-from d2detr.modeling.transformer import TransformerEncoder, TransformerEncoderLayer
+from d2detr.modeling.transformer import (
+    TransformerEncoder,
+    TransformerEncoderLayer,
+    _clones,
+    flatten_single_scale,
+    get_activation_fn,
+    xavier_init_,
+)
 
 __all__ = [
     "gen_sineembed_for_position",
@@ -71,12 +77,8 @@ def build_activation(activation: str):
     parameter) ``nn.PReLU`` module, DAB-DETR's choice."""
     if activation == "prelu":
         return nn.PReLU()
-    if activation == "relu":
-        return F.relu
-    if activation == "gelu":
-        return F.gelu
-    if activation == "glu":
-        return F.glu
+    if activation in ("relu", "gelu", "glu"):
+        return get_activation_fn(activation)
     raise ValueError(f"activation should be relu, gelu, glu or prelu, not {activation!r}")
 
 
@@ -211,10 +213,6 @@ class ConditionalDecoderLayer(nn.Module):
         return self.norm3(tgt + self.dropout3(tgt2))
 
 
-def _clones(module: nn.Module, n: int) -> nn.ModuleList:
-    return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
-
-
 class ConditionalDetrDecoder(nn.Module):
     """Conditional DETR's decoder.
 
@@ -302,15 +300,11 @@ class ConditionalDetrTransformer(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self):
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_init_(self)
 
     def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor):
         bs, c, h, w = src.shape
-        src = src.flatten(2).transpose(1, 2)
-        pos = pos_embed.flatten(2).transpose(1, 2)
-        mask = mask.flatten(1)
+        src, pos, mask = flatten_single_scale(src, mask, pos_embed)
         query_pos = query_embed.unsqueeze(0).expand(bs, -1, -1)
         memory = self.encoder(src, pos=pos, key_padding_mask=mask)
         hs, reference = self.decoder(torch.zeros_like(query_pos), memory, pos, query_pos,

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from d2detr.layers.box_ops import inverse_sigmoid
 from d2detr.layers.ms_deform_attn import MultiScaleDeformableAttention
 
-from .transformer import _clones, get_activation_fn, with_pos_embed
+from .transformer import _clones, get_activation_fn, with_pos_embed, xavier_init_
 
 __all__ = [
     "DeformableTransformerEncoderLayer",
@@ -40,7 +40,17 @@ __all__ = [
     "get_valid_ratio",
     "gen_encoder_output_proposals",
     "get_proposal_pos_embed",
+    "reset_deformable_parameters",
 ]
+
+
+def reset_deformable_parameters(module: nn.Module) -> None:
+    """The official Deformable DETR initialisation of a transformer's matrices: Xavier for
+    every one, then each ``MultiScaleDeformableAttention``'s own scheme."""
+    xavier_init_(module)
+    for m in module.modules():
+        if isinstance(m, MultiScaleDeformableAttention):
+            m._reset_parameters()
 
 
 class DeformableTransformerEncoderLayer(nn.Module):

@@ -25,6 +25,8 @@ from torch import Tensor, nn
 __all__ = [
     "get_activation_fn",
     "with_pos_embed",
+    "xavier_init_",
+    "flatten_single_scale",
     "TransformerEncoderLayer",
     "TransformerDecoderLayer",
     "TransformerEncoder",
@@ -49,7 +51,22 @@ def with_pos_embed(tensor: Tensor, pos: Optional[Tensor]) -> Tensor:
 
 
 def _clones(module: nn.Module, n: int) -> nn.ModuleList:
+    """``n`` independent deep copies of ``module`` (the layer stacks of every DETR variant)."""
     return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
+
+
+def xavier_init_(module: nn.Module) -> None:
+    """Xavier-uniform initialisation of every parameter of ``module`` with more than one
+    dimension (the official DETR-family transformers' ``_reset_parameters``)."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
+def flatten_single_scale(src: Tensor, mask: Tensor, pos_embed: Tensor):
+    """``src/pos_embed [B,C,H,W]``, ``mask [B,H,W]`` -> ``([B,HW,C], [B,HW,C], [B,HW])``
+    token sequences: the single-scale transformers' input."""
+    return src.flatten(2).transpose(1, 2), pos_embed.flatten(2).transpose(1, 2), mask.flatten(1)
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -279,15 +296,11 @@ class DetrTransformer(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self):
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_init_(self)
 
     def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor):
         bs, c, h, w = src.shape
-        src = src.flatten(2).transpose(1, 2)  # [B, HW, C]
-        pos_embed = pos_embed.flatten(2).transpose(1, 2)
-        mask = mask.flatten(1)
+        src, pos_embed, mask = flatten_single_scale(src, mask, pos_embed)  # [B, HW, C]
         query_pos = query_embed.unsqueeze(0).expand(bs, -1, -1)
         tgt = torch.zeros_like(query_pos)
         memory = self.encoder(src, pos=pos_embed, key_padding_mask=mask)

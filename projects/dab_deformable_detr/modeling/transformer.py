@@ -17,13 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from d2detr.layers.mlp import MLP
-from d2detr.layers.ms_deform_attn import MultiScaleDeformableAttention
 from d2detr.modeling.conditional_transformer import gen_sineembed_for_position
 from d2detr.modeling.deformable_transformer import (
     DeformableTransformerDecoder,
     flatten_multi_level,
     gen_encoder_output_proposals,
     get_proposal_pos_embed,
+    reset_deformable_parameters,
 )
 from d2detr.projects.deformable_detr.modeling import DeformableDetrTransformer
 
@@ -102,12 +102,7 @@ class DabDeformableDetrTransformer(DeformableDetrTransformer):
             del self.reference_points  # the anchors replace Deformable DETR's reference-point projection
 
     def reset_parameters(self):
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MultiScaleDeformableAttention):
-                m._reset_parameters()
+        reset_deformable_parameters(self)
         nn.init.normal_(self.level_embed)
 
     def forward(self, srcs: List[Tensor], masks: List[Tensor], pos_embeds: List[Tensor],

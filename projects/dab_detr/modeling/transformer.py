@@ -15,7 +15,6 @@ and keeps its parameter names. Batch first.
 * :class:`DabDetrTransformer` -- the two, plus the optional pattern embeddings (Anchor DETR's
   multiple patterns: every anchor is used with each of ``num_patterns`` content embeddings).
 """
-import copy
 from typing import List, Optional, Tuple
 
 import torch
@@ -28,13 +27,9 @@ from d2detr.modeling.conditional_transformer import (
     build_activation,
     gen_sineembed_for_position,
 )
-from d2detr.modeling.transformer import TransformerEncoderLayer
+from d2detr.modeling.transformer import TransformerEncoderLayer, _clones, flatten_single_scale, xavier_init_
 
 __all__ = ["DabDetrEncoder", "DabDetrDecoder", "DabDetrTransformer"]
-
-
-def _clones(module: nn.Module, n: int) -> nn.ModuleList:
-    return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
 
 
 def _encoder_layer(d_model, nhead, dim_feedforward, dropout, activation) -> TransformerEncoderLayer:
@@ -183,15 +178,11 @@ class DabDetrTransformer(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self):
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_init_(self)
 
     def forward(self, src: Tensor, mask: Tensor, refpoint_embed: Tensor, pos_embed: Tensor):
         bs, c, h, w = src.shape
-        src = src.flatten(2).transpose(1, 2)
-        pos = pos_embed.flatten(2).transpose(1, 2)
-        mask = mask.flatten(1)
+        src, pos, mask = flatten_single_scale(src, mask, pos_embed)
         memory = self.encoder(src, pos=pos, key_padding_mask=mask)
         refpoints = refpoint_embed.unsqueeze(0).expand(bs, -1, -1)
         num_queries = refpoints.shape[1]

@@ -7,13 +7,13 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from d2detr.layers.ms_deform_attn import MultiScaleDeformableAttention
 from d2detr.modeling.deformable_transformer import (
     DeformableTransformerDecoder,
     DeformableTransformerEncoder,
     flatten_multi_level,
     gen_encoder_output_proposals,
     get_proposal_pos_embed,
+    reset_deformable_parameters,
 )
 
 __all__ = ["DeformableDetrTransformer"]
@@ -62,12 +62,7 @@ class DeformableDetrTransformer(nn.Module):
     def reset_parameters(self):
         """The official initialisation: Xavier for every matrix, then the deformable
         attention's own scheme, Xavier reference points and normal level embeddings."""
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MultiScaleDeformableAttention):
-                m._reset_parameters()
+        reset_deformable_parameters(self)
         if not self.two_stage:
             nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
             nn.init.constant_(self.reference_points.bias, 0.0)
