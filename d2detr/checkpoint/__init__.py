@@ -49,6 +49,8 @@ __all__ = [
     "save_checkpoint",
     "convert_hf_resnet_backbone",
     "concat_qkv",
+    "num_indexed",
+    "StateDictMapper",
     "coco91_to_contiguous_rows",
     "select_class_rows",
     "resolve_classes_option",
@@ -312,6 +314,78 @@ def resolve_classes_option(classes: str, config: dict, num_labels: int) -> str:
     if num_labels == 91 and id2label.get("1", "person").lower() == "person":
         return "coco80"
     return "keep"
+
+
+def num_indexed(state_dict, prefix: str) -> int:
+    """How many ``prefix{i}.`` entries (layers, MLP layers ...) the keys hold: ``max(i) + 1``, 0 if none."""
+    idx = {int(m.group(1)) for k in state_dict for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
+    return max(idx) + 1 if idx else 0
+
+
+class StateDictMapper:
+    """Builds a converted state dict (``out``) from a source one (``sd``), remembering which
+    source keys were used so that :meth:`check_all_used` can refuse tensors nobody converted."""
+
+    def __init__(self, sd: StateDict):
+        self.sd = sd
+        self.out: StateDict = {}
+        self.used = set()
+
+    def take(self, src: str, dst: str) -> None:
+        self.out[dst] = self.sd[src]
+        self.used.add(src)
+
+    def take_weight_bias(self, src: str, dst: str) -> None:
+        for p in ("weight", "bias"):
+            self.take(f"{src}.{p}", f"{dst}.{p}")
+
+    def take_mlp(self, src: str, dst: str) -> None:
+        """``src.layers.{i}.{weight,bias}`` -> ``dst.layers.{i}...`` (our ``MLP``)."""
+        for i in range(num_indexed(self.sd, f"{src}.layers.")):
+            self.take_weight_bias(f"{src}.layers.{i}", f"{dst}.layers.{i}")
+
+    def take_resnet_backbone(self, prefix: str, dst: str = "backbone.") -> None:
+        """Every tensor under ``prefix`` via :func:`convert_hf_resnet_backbone`."""
+        for k, v in convert_hf_resnet_backbone(self.sd, prefix).items():
+            self.out[dst + k] = v
+        self.used.update(k for k in self.sd if k.startswith(prefix))
+
+    def take_attention(self, src: str, dst: str) -> None:
+        """HF ``q/k/v_proj`` + ``out_proj`` (or ``o_proj``) -> ``nn.MultiheadAttention`` names."""
+        self.out.update(concat_qkv(self.sd, f"{src}", f"{dst}"))
+        self.used.update(f"{src}.{n}_proj.{p}" for n in ("q", "k", "v", "o", "out") for p in ("weight", "bias"))
+
+    def take_detr_encoder_layers(self, src: str, dst: str, fc: str = "fc", extra=()) -> None:
+        """HF DETR-style encoder layers ``{src}{i}`` (``self_attn``, ``self_attn_layer_norm``,
+        ``final_layer_norm``, ``{fc}1/2``) -> DETR's ``TransformerEncoderLayer`` names
+        (``self_attn``, ``norm1/2``, ``linear1/2``) under ``{dst}{i}``; ``extra`` adds
+        ``(hf_name, our_name)`` pairs taken when present."""
+        for i in range(num_indexed(self.sd, src)):
+            s, d = f"{src}{i}", f"{dst}{i}"
+            self.take_attention(f"{s}.self_attn", f"{d}.self_attn")
+            for a, b in (("self_attn_layer_norm", "norm1"), ("final_layer_norm", "norm2"),
+                         (f"{fc}1", "linear1"), (f"{fc}2", "linear2")):
+                self.take_weight_bias(f"{s}.{a}", f"{d}.{b}")
+            for a, b in extra:
+                if f"{s}.{a}" in self.sd:
+                    self.take(f"{s}.{a}", f"{d}.{b}")
+
+    def take_class_head(self, src: str, dst: str, mode: str, extra_last: bool) -> None:
+        """A class head, reduced to Detectron2's 80 COCO classes when ``mode == "coco80"``
+        (see :func:`select_class_rows`)."""
+        for p in ("weight", "bias"):
+            w = self.sd[f"{src}.{p}"]
+            if mode == "coco80":
+                w = select_class_rows(w, coco91_to_contiguous_rows(), extra_last=extra_last)
+            self.out[f"{dst}.{p}"] = w
+            self.used.add(f"{src}.{p}")
+
+    def check_all_used(self, what: str) -> StateDict:
+        """Raises ``KeyError`` naming the source tensors not converted; returns ``out``."""
+        left = sorted(set(self.sd) - self.used)
+        if left:
+            raise KeyError(f"{len(left)} {what} tensors were not converted, e.g. {left[:5]}")
+        return self.out
 
 
 def apply_overrides(cfg, overrides: Dict[str, Any]):

@@ -20,15 +20,8 @@ from typing import Any, Dict, Iterable, List, Tuple
 
 import torch
 
-from . import (
-    coco91_to_contiguous_rows,
-    concat_qkv,
-    convert_hf_resnet_backbone,
-    register_converter,
-    resolve_classes_option,
-    select_class_rows,
-)
-from .hf_detr import _backbone_depth, _num_layers
+from . import StateDictMapper, register_converter, resolve_classes_option
+from .hf_detr import _num_layers, single_scale_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -88,20 +81,6 @@ def normalize_hf_conditional_detr_keys(state_dict: Dict[str, torch.Tensor]) -> D
     return out
 
 
-def _convert_encoder_layers(sd, out, used, n_layers: int, prefix: str = "model.encoder.layers.",
-                            dst_prefix: str = "transformer.encoder.layers."):
-    """HF DETR-style encoder layers (q/k/v/o_proj, mlp.fc*) -> DETR's TransformerEncoderLayer names."""
-    for i in range(n_layers):
-        s, d = f"{prefix}{i}", f"{dst_prefix}{i}"
-        out.update(concat_qkv(sd, f"{s}.self_attn", f"{d}.self_attn"))
-        used.update(f"{s}.self_attn.{n}_proj.{p}" for n in ("q", "k", "v", "o") for p in ("weight", "bias"))
-        for a, b in (("self_attn_layer_norm", "norm1"), ("final_layer_norm", "norm2"),
-                     ("mlp.fc1", "linear1"), ("mlp.fc2", "linear2")):
-            for p in ("weight", "bias"):
-                out[f"{d}.{b}.{p}"] = sd[f"{s}.{a}.{p}"]
-                used.add(f"{s}.{a}.{p}")
-
-
 def convert_hf_conditional_detr(
     state_dict: Dict[str, torch.Tensor], config: Dict[str, Any] = None, classes: str = "auto"
 ) -> Dict[str, torch.Tensor]:
@@ -123,50 +102,25 @@ def convert_hf_conditional_detr(
     if "model.decoder.ref_point_head.layers.0.weight" not in sd:
         raise KeyError("No model.decoder.ref_point_head: not a Conditional DETR checkpoint?")
 
-    out: Dict[str, torch.Tensor] = {}
-    used = set()
-
-    def take(src, dst):
-        out[dst] = sd[src]
-        used.add(src)
-
-    for k, v in convert_hf_resnet_backbone(sd, "model.backbone.model.").items():
-        out["backbone." + k] = v
-    used.update(k for k in sd if k.startswith("model.backbone.model."))
-    for p in ("weight", "bias"):
-        take(f"model.input_projection.{p}", f"input_proj.{p}")
-    take("model.query_position_embeddings.weight", "query_embed.weight")
-
-    _convert_encoder_layers(sd, out, used, _num_layers(sd, "model.encoder.layers."))
+    m = StateDictMapper(sd)
+    m.take_resnet_backbone("model.backbone.model.")
+    m.take_weight_bias("model.input_projection", "input_proj")
+    m.take("model.query_position_embeddings.weight", "query_embed.weight")
+    m.take_detr_encoder_layers("model.encoder.layers.", "transformer.encoder.layers.", fc="mlp.fc")
     for i in range(_num_layers(sd, "model.decoder.layers.")):
         s, d = f"model.decoder.layers.{i}", f"transformer.decoder.layers.{i}"
         for a, b in _DECODER_LAYER_MAP.items():
-            for p in ("weight", "bias"):
-                if f"{s}.{a}.{p}" in sd:  # q_pos_proj exists in the first layer only
-                    take(f"{s}.{a}.{p}", f"{d}.{b}.{p}")
-    for p in ("weight", "bias"):
-        take(f"model.decoder.layernorm.{p}", f"transformer.decoder.norm.{p}")
+            if f"{s}.{a}.weight" in sd:  # q_pos_proj exists in the first layer only
+                m.take_weight_bias(f"{s}.{a}", f"{d}.{b}")
+    m.take_weight_bias("model.decoder.layernorm", "transformer.decoder.norm")
     for head in ("query_scale", "ref_point_head"):
-        for i in range(_num_layers(sd, f"model.decoder.{head}.layers.")):
-            for p in ("weight", "bias"):
-                take(f"model.decoder.{head}.layers.{i}.{p}", f"transformer.decoder.{head}.layers.{i}.{p}")
+        m.take_mlp(f"model.decoder.{head}", f"transformer.decoder.{head}")
 
     num_labels = sd["class_labels_classifier.weight"].shape[0]
     mode = resolve_classes_option(classes, config, num_labels)
-    for p in ("weight", "bias"):
-        w = sd[f"class_labels_classifier.{p}"]
-        if mode == "coco80":
-            w = select_class_rows(w, coco91_to_contiguous_rows(), extra_last=False)
-        out[f"class_embed.{p}"] = w
-        used.add(f"class_labels_classifier.{p}")
-    for i in range(_num_layers(sd, "bbox_predictor.layers.")):
-        for p in ("weight", "bias"):
-            take(f"bbox_predictor.layers.{i}.{p}", f"bbox_embed.layers.{i}.{p}")
-
-    left = sorted(set(sd) - used)
-    if left:
-        raise KeyError(f"{len(left)} HF Conditional DETR tensors were not converted, e.g. {left[:5]}")
-    return out
+    m.take_class_head("class_labels_classifier", "class_embed", mode, extra_last=False)
+    m.take_mlp("bbox_predictor", "bbox_embed")
+    return m.check_all_used("HF Conditional DETR")
 
 
 def hf_conditional_detr_overrides(config: Dict[str, Any], state_dict=None, classes: str = "auto", **_) -> Dict[str, Any]:
@@ -188,23 +142,8 @@ def hf_conditional_detr_overrides(config: Dict[str, Any], state_dict=None, class
         n_enc = config.get("encoder_layers", 6)
         n_dec = config.get("decoder_layers", 6)
         ffn = config.get("encoder_ffn_dim", 2048)
-    if resolve_classes_option(classes, config, num_labels) == "coco80":
-        num_labels = 80
-    bb = config.get("backbone_config") or {}
-    dc5 = bool(config.get("dilation", False)) or bb.get("output_stride") == 16
-    return {
-        "model.num_classes": int(num_labels),
-        "model.num_queries": int(num_queries),
-        "model.backbone.depth": _backbone_depth(config, state_dict),
-        "model.backbone.dc5": dc5,
-        "model.position_embedding.num_pos_feats": int(d_model) // 2,
-        "model.transformer.d_model": int(d_model),
-        "model.transformer.nhead": int(config.get("encoder_attention_heads", 8)),
-        "model.transformer.num_encoder_layers": int(n_enc),
-        "model.transformer.num_decoder_layers": int(n_dec),
-        "model.transformer.dim_feedforward": int(ffn),
-        "model.transformer.activation": config.get("activation_function", "relu"),
-    }
+    return single_scale_overrides(config, state_dict, classes, num_labels=num_labels, num_queries=num_queries,
+                                  d_model=d_model, n_enc=n_enc, n_dec=n_dec, ffn=ffn)
 
 
 def _detect(keys: Iterable[str]) -> bool:

@@ -18,15 +18,8 @@ from typing import Any, Dict, Iterable
 
 import torch
 
-from . import (
-    coco91_to_contiguous_rows,
-    concat_qkv,
-    convert_hf_resnet_backbone,
-    register_converter,
-    resolve_classes_option,
-    select_class_rows,
-)
-from .hf_detr import _backbone_depth, _num_layers
+from . import StateDictMapper, register_converter, resolve_classes_option
+from .hf_detr import _num_layers, single_scale_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -85,58 +78,30 @@ def convert_hf_dab_detr(
     if "model.decoder.ref_anchor_head.layers.0.weight" not in sd:
         raise NotImplementedError("Only DAB-DETR with width/height-modulated attention is supported")
 
-    out: Dict[str, torch.Tensor] = {}
-    used = set()
-
-    def take(src, dst):
-        out[dst] = sd[src]
-        used.add(src)
-
-    for k, v in convert_hf_resnet_backbone(sd, _BACKBONE).items():
-        out["backbone." + k] = v
-    used.update(k for k in sd if k.startswith(_BACKBONE))
-    for p in ("weight", "bias"):
-        take(f"model.input_projection.{p}", f"input_proj.{p}")
-    take("model.query_refpoint_embeddings.weight", "refpoint_embed.weight")
+    m = StateDictMapper(sd)
+    m.take_resnet_backbone(_BACKBONE)
+    m.take_weight_bias("model.input_projection", "input_proj")
+    m.take("model.query_refpoint_embeddings.weight", "refpoint_embed.weight")
     if "model.patterns.weight" in sd:
-        take("model.patterns.weight", "transformer.patterns.weight")
+        m.take("model.patterns.weight", "transformer.patterns.weight")
 
-    for i in range(_num_layers(sd, "model.encoder.layers.")):
-        s, d = f"model.encoder.layers.{i}", f"transformer.encoder.layers.{i}"
-        out.update(concat_qkv(sd, f"{s}.self_attn", f"{d}.self_attn"))
-        used.update(f"{s}.self_attn.{n}_proj.{p}" for n in ("q", "k", "v", "out") for p in ("weight", "bias"))
-        for a, b in (("self_attn_layer_norm", "norm1"), ("final_layer_norm", "norm2"),
-                     ("fc1", "linear1"), ("fc2", "linear2")):
-            for p in ("weight", "bias"):
-                take(f"{s}.{a}.{p}", f"{d}.{b}.{p}")
-        if f"{s}.activation_fn.weight" in sd:
-            take(f"{s}.activation_fn.weight", f"{d}.activation.weight")
+    m.take_detr_encoder_layers("model.encoder.layers.", "transformer.encoder.layers.",
+                               extra=[("activation_fn.weight", "activation.weight")])
     for i in range(_num_layers(sd, "model.decoder.layers.")):
         s, d = f"model.decoder.layers.{i}", f"transformer.decoder.layers.{i}"
         for a, b in _DECODER_LAYER_MAP.items():
-            for p in ("weight", "bias"):
-                if f"{s}.{a}.{p}" in sd:  # the query-pos projection exists in the first layer only
-                    take(f"{s}.{a}.{p}", f"{d}.{b}.{p}")
+            if f"{s}.{a}.weight" in sd:  # the query-pos projection exists in the first layer only
+                m.take_weight_bias(f"{s}.{a}", f"{d}.{b}")
         if f"{s}.mlp.activation_fn.weight" in sd:
-            take(f"{s}.mlp.activation_fn.weight", f"{d}.activation.weight")
-    for p in ("weight", "bias"):
-        take(f"model.decoder.layernorm.{p}", f"transformer.decoder.norm.{p}")
+            m.take(f"{s}.mlp.activation_fn.weight", f"{d}.activation.weight")
+    m.take_weight_bias("model.decoder.layernorm", "transformer.decoder.norm")
     for head in ("query_scale", "ref_point_head", "ref_anchor_head"):
-        for i in range(_num_layers(sd, f"model.decoder.{head}.layers.")):
-            for p in ("weight", "bias"):
-                take(f"model.decoder.{head}.layers.{i}.{p}", f"transformer.decoder.{head}.layers.{i}.{p}")
-    for i in range(_num_layers(sd, "model.encoder.query_scale.layers.")):
-        for p in ("weight", "bias"):
-            take(f"model.encoder.query_scale.layers.{i}.{p}", f"transformer.encoder.query_scale.layers.{i}.{p}")
+        m.take_mlp(f"model.decoder.{head}", f"transformer.decoder.{head}")
+    m.take_mlp("model.encoder.query_scale", "transformer.encoder.query_scale")
 
     num_labels = sd["class_embed.weight"].shape[0]
     mode = resolve_classes_option(classes, config, num_labels)
-    for p in ("weight", "bias"):
-        w = sd[f"class_embed.{p}"]
-        if mode == "coco80":
-            w = select_class_rows(w, coco91_to_contiguous_rows(), extra_last=False)
-        out[f"class_embed.{p}"] = w
-        used.add(f"class_embed.{p}")
+    m.take_class_head("class_embed", "class_embed", mode, extra_last=False)
     # one box head, used both for the outputs and (tied) for refining the anchors
     for i in range(_num_layers(sd, "bbox_predictor.layers.")):
         for p in ("weight", "bias"):
@@ -146,15 +111,12 @@ def convert_hf_dab_detr(
                 if not torch.equal(tied, w):
                     raise ValueError("model.decoder.bbox_embed differs from bbox_predictor; d2detr's DAB-DETR "
                                      "shares one box head (bbox_embed_diff_each_layer is not supported)")
-                used.add(f"model.decoder.bbox_embed.layers.{i}.{p}")
-            out[f"bbox_embed.layers.{i}.{p}"] = w
-            out[f"transformer.decoder.bbox_embed.layers.{i}.{p}"] = w
-            used.add(f"bbox_predictor.layers.{i}.{p}")
+                m.used.add(f"model.decoder.bbox_embed.layers.{i}.{p}")
+            m.out[f"bbox_embed.layers.{i}.{p}"] = w
+            m.out[f"transformer.decoder.bbox_embed.layers.{i}.{p}"] = w
+            m.used.add(f"bbox_predictor.layers.{i}.{p}")
 
-    left = sorted(set(sd) - used)
-    if left:
-        raise KeyError(f"{len(left)} HF DAB-DETR tensors were not converted, e.g. {left[:5]}")
-    return out
+    return m.check_all_used("HF DAB-DETR")
 
 
 def hf_dab_detr_overrides(config: Dict[str, Any], state_dict=None, classes: str = "auto", **_) -> Dict[str, Any]:
@@ -182,31 +144,19 @@ def hf_dab_detr_overrides(config: Dict[str, Any], state_dict=None, classes: str 
         num_patterns = config.get("num_patterns", 0)
         keep_query_pos = config.get("keep_query_pos", False)
         activation = config.get("activation_function", "prelu")
-    if resolve_classes_option(classes, config, num_labels) == "coco80":
-        num_labels = 80
-    bb = config.get("backbone_config") or {}
-    dc5 = bool(config.get("dilation", False)) or bb.get("output_stride") == 16
     if config.get("temperature_height", 20) != config.get("temperature_width", 20):
         raise NotImplementedError("different temperatures for height and width are not supported")
     depth_sd = None
     if state_dict is not None:  # _backbone_depth reads DETR's key layout
         depth_sd = {k.replace(_BACKBONE, "model.backbone.model."): v for k, v in sd.items() if k.startswith(_BACKBONE)}
-    return {
-        "model.num_classes": int(num_labels),
-        "model.num_queries": int(num_queries),
-        "model.backbone.depth": _backbone_depth(config, depth_sd),
-        "model.backbone.dc5": dc5,
-        "model.position_embedding.num_pos_feats": int(d_model) // 2,
-        "model.position_embedding.temperature": int(config.get("temperature_height", 20)),
-        "model.transformer.d_model": int(d_model),
-        "model.transformer.nhead": int(config.get("encoder_attention_heads", 8)),
-        "model.transformer.num_encoder_layers": int(n_enc),
-        "model.transformer.num_decoder_layers": int(n_dec),
-        "model.transformer.dim_feedforward": int(ffn),
-        "model.transformer.activation": activation,
-        "model.transformer.num_patterns": int(num_patterns),
-        "model.transformer.keep_query_pos": bool(keep_query_pos),
-    }
+    overrides = single_scale_overrides(
+        config, depth_sd, classes, num_labels=num_labels, num_queries=num_queries, d_model=d_model,
+        n_enc=n_enc, n_dec=n_dec, ffn=ffn, activation=activation,
+    )
+    overrides["model.position_embedding.temperature"] = int(config.get("temperature_height", 20))
+    overrides["model.transformer.num_patterns"] = int(num_patterns)
+    overrides["model.transformer.keep_query_pos"] = bool(keep_query_pos)
+    return overrides
 
 
 def _detect(keys: Iterable[str]) -> bool:

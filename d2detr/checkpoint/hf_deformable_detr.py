@@ -40,10 +40,12 @@ from torch import Tensor
 from . import (
     coco91_to_contiguous_rows,
     convert_hf_resnet_backbone,
+    num_indexed,
     register_converter,
     resolve_classes_option,
     select_class_rows,
 )
+from .hf_detr import _backbone_depth  # ResNet depth from the config or the tensors
 
 __all__ = ["convert_hf_deformable_detr", "hf_deformable_detr_overrides", "normalize_hf_deformable_detr_keys"]
 
@@ -85,9 +87,7 @@ def _num_labels(sd: Mapping[str, Tensor]) -> int:
     raise KeyError("no class_embed.0.weight: not a Deformable DETR checkpoint?")
 
 
-def _num_layers(sd, prefix: str) -> int:
-    idx = {int(m.group(1)) for k in sd for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
-    return max(idx) + 1 if idx else 0
+_num_layers = num_indexed
 
 
 def convert_hf_deformable_detr(
@@ -206,21 +206,6 @@ def normalize_hf_deformable_detr_keys(state_dict: Mapping[str, Tensor]) -> Dict[
             continue
         out[k.replace("model.backbone.conv_encoder.", "model.backbone.", 1)] = v
     return out
-
-
-def _backbone_depth(config: Dict[str, Any], sd) -> int:
-    bb = config.get("backbone_config") or {}
-    name = bb.get("backbone") or config.get("backbone")
-    if name:
-        m = re.fullmatch(r"(timm/)?resnet(\d+)(\..*)?", str(name))
-        if not m:
-            raise ValueError(f"unsupported backbone {name!r}: only ResNets convert")
-        return int(m.group(2))
-    if sd is not None:  # no config: count res4 blocks, look for bottleneck convs
-        conv = convert_hf_resnet_backbone(sd, "model.backbone.model.")
-        n4 = len({k.split(".")[1] for k in conv if k.startswith("res4.")})
-        return {2: 18, 6: 50 if "res2.0.conv3.weight" in conv else 34, 23: 101, 36: 152}[n4]
-    return 50
 
 
 def hf_deformable_detr_overrides(

@@ -22,14 +22,7 @@ from typing import Any, Dict, Iterable
 
 import torch
 
-from . import (
-    coco91_to_contiguous_rows,
-    concat_qkv,
-    convert_hf_resnet_backbone,
-    register_converter,
-    resolve_classes_option,
-    select_class_rows,
-)
+from . import StateDictMapper, convert_hf_resnet_backbone, num_indexed, register_converter, resolve_classes_option
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +49,7 @@ def normalize_hf_detr_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, tor
     return out
 
 
-def _num_layers(sd, prefix: str) -> int:
-    idx = {int(m.group(1)) for k in sd for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
-    return max(idx) + 1 if idx else 0
+_num_layers = num_indexed  # the converters of DETR's successors import it from here
 
 
 def convert_hf_detr(
@@ -80,59 +71,25 @@ def convert_hf_detr(
     if not any(k.startswith("model.backbone.model.") for k in sd):
         raise KeyError("No backbone weights under model.backbone(.conv_encoder).model.: not a DETR checkpoint?")
 
-    out = {}
-    used = set()
-
-    def take(src, dst):
-        out[dst] = sd[src]
-        used.add(src)
-
-    for k, v in convert_hf_resnet_backbone(sd, "model.backbone.model.").items():
-        out["backbone." + k] = v
-    used.update(k for k in sd if k.startswith("model.backbone.model."))
-
-    for p in ("weight", "bias"):
-        take(f"model.input_projection.{p}", f"input_proj.{p}")
-    take("model.query_position_embeddings.weight", "query_embed.weight")
-
-    def attn(src, dst):
-        out.update(concat_qkv(sd, src, dst))
-        used.update(f"{src}.{n}_proj.{p}" for n in ("q", "k", "v", "out") for p in ("weight", "bias"))
-
-    for i in range(_num_layers(sd, "model.encoder.layers.")):
-        s, d = f"model.encoder.layers.{i}", f"transformer.encoder.layers.{i}"
-        attn(f"{s}.self_attn", f"{d}.self_attn")
-        for a, b in (("self_attn_layer_norm", "norm1"), ("final_layer_norm", "norm2"),
-                     ("fc1", "linear1"), ("fc2", "linear2")):
-            for p in ("weight", "bias"):
-                take(f"{s}.{a}.{p}", f"{d}.{b}.{p}")
+    m = StateDictMapper(sd)
+    m.take_resnet_backbone("model.backbone.model.")
+    m.take_weight_bias("model.input_projection", "input_proj")
+    m.take("model.query_position_embeddings.weight", "query_embed.weight")
+    m.take_detr_encoder_layers("model.encoder.layers.", "transformer.encoder.layers.")
     for i in range(_num_layers(sd, "model.decoder.layers.")):
         s, d = f"model.decoder.layers.{i}", f"transformer.decoder.layers.{i}"
-        attn(f"{s}.self_attn", f"{d}.self_attn")
-        attn(f"{s}.encoder_attn", f"{d}.multihead_attn")
+        m.take_attention(f"{s}.self_attn", f"{d}.self_attn")
+        m.take_attention(f"{s}.encoder_attn", f"{d}.multihead_attn")
         for a, b in (("self_attn_layer_norm", "norm1"), ("encoder_attn_layer_norm", "norm2"),
                      ("final_layer_norm", "norm3"), ("fc1", "linear1"), ("fc2", "linear2")):
-            for p in ("weight", "bias"):
-                take(f"{s}.{a}.{p}", f"{d}.{b}.{p}")
-    for p in ("weight", "bias"):
-        take(f"model.decoder.layernorm.{p}", f"transformer.decoder.norm.{p}")
+            m.take_weight_bias(f"{s}.{a}", f"{d}.{b}")
+    m.take_weight_bias("model.decoder.layernorm", "transformer.decoder.norm")
 
     num_labels = sd["class_labels_classifier.weight"].shape[0] - 1
     mode = resolve_classes_option(classes, config, num_labels)
-    for p in ("weight", "bias"):
-        w = sd[f"class_labels_classifier.{p}"]
-        if mode == "coco80":
-            w = select_class_rows(w, coco91_to_contiguous_rows(), extra_last=True)
-        out[f"class_embed.{p}"] = w
-        used.add(f"class_labels_classifier.{p}")
-    for i in range(_num_layers(sd, "bbox_predictor.layers.")):
-        for p in ("weight", "bias"):
-            take(f"bbox_predictor.layers.{i}.{p}", f"bbox_embed.layers.{i}.{p}")
-
-    left = sorted(set(sd) - used)
-    if left:
-        raise KeyError(f"{len(left)} HF DETR tensors were not converted, e.g. {left[:5]}")
-    return out
+    m.take_class_head("class_labels_classifier", "class_embed", mode, extra_last=True)
+    m.take_mlp("bbox_predictor", "bbox_embed")
+    return m.check_all_used("HF DETR")
 
 
 def _backbone_depth(config: Dict[str, Any], sd) -> int:
@@ -179,6 +136,17 @@ def hf_detr_overrides(config: Dict[str, Any], state_dict=None, classes: str = "a
         n_enc = config.get("encoder_layers", 6)
         n_dec = config.get("decoder_layers", 6)
         ffn = config.get("encoder_ffn_dim", 2048)
+    return single_scale_overrides(config, state_dict, classes, num_labels=num_labels, num_queries=num_queries,
+                                  d_model=d_model, n_enc=n_enc, n_dec=n_dec, ffn=ffn)
+
+
+def single_scale_overrides(
+    config: Dict[str, Any], state_dict, classes: str, *, num_labels: int, num_queries: int, d_model: int,
+    n_enc: int, n_dec: int, ffn: int, activation: str = None,
+) -> Dict[str, Any]:
+    """The LazyConfig overrides DETR, Conditional DETR and DAB-DETR share (classes, queries,
+    ResNet depth / DC5, widths and depths of the transformer); ``state_dict`` in DETR's
+    normalised backbone layout (``model.backbone.model.*``) or None."""
     if resolve_classes_option(classes, config, num_labels) == "coco80":
         num_labels = 80
     bb = config.get("backbone_config") or {}
@@ -194,7 +162,7 @@ def hf_detr_overrides(config: Dict[str, Any], state_dict=None, classes: str = "a
         "model.transformer.num_encoder_layers": int(n_enc),
         "model.transformer.num_decoder_layers": int(n_dec),
         "model.transformer.dim_feedforward": int(ffn),
-        "model.transformer.activation": config.get("activation_function", "relu"),
+        "model.transformer.activation": activation or config.get("activation_function", "relu"),
     }
 
 
