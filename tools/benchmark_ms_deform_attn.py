@@ -40,15 +40,17 @@ from d2detr.layers.ms_deform_attn import (  # noqa: E402
 )
 
 LEVELS = [(64, 64), (32, 32), (16, 16), (8, 8)]
+# Strides 8/16/32/64 of an 800x1333 image: S = 22 223 (the standard GPU encoder shape, N=2).
+LEVELS_800x1333 = [(100, 167), (50, 84), (25, 42), (13, 21)]
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def make_inputs(Q, device, dtype, N=1, M=8, D=32, P=4, seed=0):
+def make_inputs(Q, device, dtype, N=1, M=8, D=32, P=4, seed=0, levels=LEVELS):
     g = torch.Generator().manual_seed(seed)
-    shapes = torch.tensor(LEVELS, dtype=torch.long)
+    shapes = torch.tensor(levels, dtype=torch.long)
     sizes = shapes[:, 0] * shapes[:, 1]
     starts = torch.cumsum(sizes, 0) - sizes
-    S, L = int(sizes.sum()), len(LEVELS)
+    S, L = int(sizes.sum()), len(levels)
     value = torch.randn(N, S, M, D, generator=g)
     loc = torch.rand(N, Q, M, L, P, 2, generator=g)
     weights = torch.randn(N, Q, M, L * P, generator=g).softmax(-1).view(N, Q, M, L, P)
@@ -192,10 +194,12 @@ def main(argv=None):
         bw = None
 
     impls = [("native", native)] + ([] if args.skip_reference else [("reference", reference)])
-    cases = [("(a) encoder", 5440), ("(b) decoder", 300)]
+    cases = [("(a) encoder", 5440, 1, LEVELS), ("(b) decoder", 300, 1, LEVELS)]
+    if device.type == "cuda":
+        cases.append(("(c) encoder 800x1333, N=2", 22223, 2, LEVELS_800x1333))
     rows = []
-    for case, Q in cases:
-        inputs = make_inputs(Q, device, dtype)
+    for case, Q, N, levels in cases:
+        inputs = make_inputs(Q, device, dtype, N=N, levels=levels)
         res = {}
         for name, fn in impls:
             repeat = args.repeat or (20 if name == "native" else 5)
@@ -210,7 +214,7 @@ def main(argv=None):
         rows.append((case, Q, res))
 
     print(f"ms_deform_attn, {device.type} ({dev_name}), {args.dtype}; torch {torch.__version__}; "
-          f"N=1, levels {LEVELS}, M=8, D=32, P=4; median of timed runs")
+          f"N=1, levels {LEVELS} (c: N=2, levels {LEVELS_800x1333}), M=8, D=32, P=4; median of timed runs")
     if bw:
         print(f"measured copy bandwidth: {bw / 1e9:.0f} GB/s")
     print()
