@@ -6,8 +6,6 @@ no download) are converted with ``d2detr.checkpoint``; our DABDETR, built from
 the same class logits and boxes for every query (1e-4), patterns and DC5 included.
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,9 +14,11 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import LazyConfig, instantiate  # noqa: E402
 
-from d2detr.checkpoint import apply_overrides, convert_hf_checkpoint, detect_model_type  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_hf_parity, build_model, padded_hf_inputs, randomize_hf_weights, run_convert_checkpoint)
+
+from d2detr.checkpoint import convert_hf_checkpoint, detect_model_type  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_CFG = os.path.join(ROOT, "projects/dab_detr/configs/models/dab_detr_r50.py")
@@ -30,26 +30,12 @@ SMALL = dict(
 TIMM_R18 = dict(use_timm_backbone=True, backbone="resnet18", use_pretrained_backbone=False)
 
 
-def randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    """Redraws every parameter and the frozen-BN statistics (HF initialises many to 0/1
-    or identical values), so a swapped or dropped tensor cannot go unnoticed."""
-    g = torch.Generator().manual_seed(seed)
+def our_model(overrides):
+    return build_model(MODEL_CFG, overrides).eval()
 
-    def rnd(t, scale):
-        return torch.randn(t.shape, generator=g) * scale
 
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(rnd(p, 0.1))
-            elif p.dim() == 2:  # linear layers (fan-in scaled) and the query embeddings
-                p.copy_(rnd(p, 1.0 if "embeddings" in name else p.shape[1] ** -0.5))
-        for name, m in model.named_modules():
-            if type(m).__name__.endswith("FrozenBatchNorm2d"):
-                m.weight.copy_(1 + rnd(m.weight, 0.2))
-                m.bias.copy_(rnd(m.bias, 0.1))
-                m.running_mean.copy_(rnd(m.running_mean, 0.1))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+def compare(hf, ours, x, pixel_mask, atol=1e-4):
+    return assert_hf_parity(hf, ours, x, pixel_mask, atol=atol, box_spread=slice(None))
 
 
 def hf_model(seed=0, **kwargs):
@@ -58,7 +44,7 @@ def hf_model(seed=0, **kwargs):
     torch.manual_seed(seed)
     cfg = DabDetrConfig(**{**SMALL, **TIMM_R18, **kwargs})
     model = DabDetrForObjectDetection(cfg).eval()
-    randomize(model, seed)
+    randomize_hf_weights(model, seed)
     with torch.no_grad():  # anchors: centres spread over the image, sizes 0.1..0.6
         ref = model.model.query_refpoint_embeddings.weight
         g = torch.Generator().manual_seed(seed + 1)
@@ -66,32 +52,6 @@ def hf_model(seed=0, **kwargs):
         wh = torch.rand(ref.shape[0], 2, generator=g) * 0.5 + 0.1
         ref.copy_(torch.logit(torch.cat([xy, wh], 1)))
     return model
-
-
-def our_model(overrides):
-    cfg = LazyConfig.load(MODEL_CFG)
-    apply_overrides(cfg, overrides)
-    return instantiate(cfg.model).eval()
-
-
-def inputs():
-    torch.manual_seed(1)
-    x = torch.randn(2, 3, 64, 96)
-    pixel_mask = torch.ones(2, 64, 96, dtype=torch.long)
-    pixel_mask[1, 48:, :] = 0
-    pixel_mask[1, :, 64:] = 0
-    return x * pixel_mask[:, None], pixel_mask
-
-
-def compare(hf, ours, x, pixel_mask, atol=1e-4):
-    with torch.no_grad():
-        ref = hf(pixel_values=x, pixel_mask=pixel_mask)
-        out = ours.forward_features(x, pixel_mask == 0)
-    assert out["pred_logits"].shape == ref.logits.shape
-    torch.testing.assert_close(out["pred_logits"], ref.logits, atol=atol, rtol=0)
-    torch.testing.assert_close(out["pred_boxes"], ref.pred_boxes, atol=atol, rtol=0)
-    assert ref.logits.std(dim=1).min() > 1e-3 and ref.pred_boxes.std(dim=1).min() > 1e-3
-    return out
 
 
 @pytest.mark.parametrize(
@@ -111,7 +71,7 @@ def test_hf_dab_detr_parity(kwargs):
     ours = our_model(overrides)
     ours.load_state_dict(sd, strict=True)
     assert ours.bbox_embed is ours.transformer.decoder.bbox_embed
-    out = compare(hf, ours, *inputs())
+    out = compare(hf, ours, *padded_hf_inputs())
     assert out["pred_logits"].shape[1] == 9 * max(kwargs.get("num_patterns", 0), 1)
 
 
@@ -123,21 +83,15 @@ def test_single_file_without_config(tmp_path):
     assert overrides["model.transformer.num_patterns"] == 2
     ours = our_model(overrides)
     ours.load_state_dict(sd, strict=True)
-    compare(hf, ours, *inputs())
+    compare(hf, ours, *padded_hf_inputs())
 
 
 def test_convert_cli_roundtrip(tmp_path):
     hf = hf_model(seed=5)
     hf.save_pretrained(tmp_path / "hf")
     out = tmp_path / "dab.pth"
-    res = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools/convert_checkpoint.py"), str(tmp_path / "hf"), str(out),
-         "--config-file", MODEL_CFG],
-        capture_output=True, text=True, cwd=ROOT,
-    )
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "dab-detr" in res.stdout and "model.num_queries=9" in res.stdout
-    ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    stdout, ckpt = run_convert_checkpoint(tmp_path / "hf", out, MODEL_CFG)
+    assert "dab-detr" in stdout and "model.num_queries=9" in stdout
     ours = our_model(ckpt["overrides"])
     DetectionCheckpointer(ours).load(str(out))
-    compare(hf, ours.eval(), *inputs())
+    compare(hf, ours.eval(), *padded_hf_inputs())

@@ -8,8 +8,6 @@ every query on the same normalised images (1e-4). Also: torchvision ImageNet
 ResNets (backbone initialisation) and the official facebookresearch/detr layout.
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,10 +16,11 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import LazyConfig, instantiate  # noqa: E402
+
+from helpers import (  # noqa: E402
+    assert_hf_parity, build_model, padded_hf_inputs, randomize_hf_weights, run_convert_checkpoint)
 
 from d2detr.checkpoint import (  # noqa: E402
-    apply_overrides,
     coco91_to_contiguous_rows,
     convert_hf_checkpoint,
     get_converter,
@@ -37,27 +36,8 @@ SMALL = dict(
 )
 
 
-def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    """HF initialises linear layers and query embeddings with std 0.02 (queries
-    then barely differ), biases and LayerNorms to 0/1 and the frozen BN to the
-    identity: redraw them all, so a swapped or dropped tensor cannot go unnoticed."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(t, scale):
-        return torch.randn(t.shape, generator=g) * scale
-
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(rnd(p, 0.1))
-            elif p.dim() == 2:  # linear layers (fan-in scaled) and the query embeddings
-                p.copy_(rnd(p, 1.0 if "query_position" in name else p.shape[1] ** -0.5))
-        for name, m in model.named_modules():
-            if type(m).__name__.endswith("FrozenBatchNorm2d"):
-                m.weight.copy_(1 + rnd(m.weight, 0.2))
-                m.bias.copy_(rnd(m.bias, 0.1))
-                m.running_mean.copy_(rnd(m.running_mean, 0.1))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+def _our_model(overrides):
+    return build_model(MODEL_CFG, overrides).eval()
 
 
 def _hf_model(seed=0, **kwargs):
@@ -66,36 +46,8 @@ def _hf_model(seed=0, **kwargs):
     torch.manual_seed(seed)
     cfg = DetrConfig(**{**SMALL, **kwargs})
     model = DetrForObjectDetection(cfg).eval()
-    _randomize(model, seed)
+    randomize_hf_weights(model, seed, embedding_key="query_position")
     return model
-
-
-def _our_model(overrides):
-    cfg = LazyConfig.load(MODEL_CFG)
-    apply_overrides(cfg, overrides)
-    return instantiate(cfg.model).eval()
-
-
-def _inputs():
-    torch.manual_seed(1)
-    x = torch.randn(2, 3, 64, 96)
-    pixel_mask = torch.ones(2, 64, 96, dtype=torch.long)
-    pixel_mask[1, 48:, :] = 0  # second image: 48x64 padded to 64x96
-    pixel_mask[1, :, 64:] = 0
-    x = x * pixel_mask[:, None]
-    return x, pixel_mask
-
-
-def _compare(hf, ours, x, pixel_mask, atol=1e-4):
-    with torch.no_grad():
-        ref = hf(pixel_values=x, pixel_mask=pixel_mask)
-        out = ours.forward_features(x, pixel_mask == 0)
-    assert out["pred_logits"].shape == ref.logits.shape
-    assert out["pred_boxes"].shape == ref.pred_boxes.shape
-    torch.testing.assert_close(out["pred_logits"], ref.logits, atol=atol, rtol=0)
-    torch.testing.assert_close(out["pred_boxes"], ref.pred_boxes, atol=atol, rtol=0)
-    # the test is meaningless if every query says the same thing
-    assert ref.logits.std(dim=1).min() > 1e-3
 
 
 @pytest.mark.parametrize(
@@ -114,8 +66,8 @@ def test_hf_detr_parity(kwargs):
     assert overrides["model.backbone.dc5"] == kwargs.get("dilation", False)
     ours = _our_model(overrides)
     ours.load_state_dict(sd, strict=True)
-    x, pixel_mask = _inputs()
-    _compare(hf, ours, x, pixel_mask)
+    x, pixel_mask = padded_hf_inputs()
+    assert_hf_parity(hf, ours, x, pixel_mask)
 
 
 def test_hf_detr_parity_transformers_resnet_backbone():
@@ -131,7 +83,7 @@ def test_hf_detr_parity_transformers_resnet_backbone():
     assert overrides["model.backbone.depth"] == 18
     ours = _our_model(overrides)
     ours.load_state_dict(sd, strict=True)
-    _compare(hf, ours, *_inputs())
+    assert_hf_parity(hf, ours, *padded_hf_inputs())
 
 
 def test_convert_cli_folder_roundtrip(tmp_path):
@@ -140,19 +92,13 @@ def test_convert_cli_folder_roundtrip(tmp_path):
     hf = _hf_model(use_timm_backbone=True, backbone="resnet18", use_pretrained_backbone=False, seed=5)
     hf.save_pretrained(tmp_path / "hf")
     out = tmp_path / "detr.pth"
-    res = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools/convert_checkpoint.py"), str(tmp_path / "hf"), str(out),
-         "--config-file", MODEL_CFG],
-        capture_output=True, text=True, cwd=ROOT,
-    )
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "model.num_queries=7" in res.stdout
-    ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    stdout, ckpt = run_convert_checkpoint(tmp_path / "hf", out, MODEL_CFG)
+    assert "model.num_queries=7" in stdout
     assert set(ckpt) >= {"model", "__author__", "overrides"}
     ours = _our_model(ckpt["overrides"])
     incompatible = DetectionCheckpointer(ours).load(str(out))
     assert incompatible is not None
-    _compare(hf, ours.eval(), *_inputs())
+    assert_hf_parity(hf, ours.eval(), *padded_hf_inputs())
 
 
 def test_single_file_without_config(tmp_path):
@@ -171,7 +117,7 @@ def test_single_file_without_config(tmp_path):
     assert overrides["model.transformer.dim_feedforward"] == 96
     ours = _our_model(overrides)
     ours.load_state_dict(sd, strict=True)
-    _compare(hf, ours, *_inputs())
+    assert_hf_parity(hf, ours, *padded_hf_inputs())
 
 
 def test_coco91_head_to_detectron2_contiguous():

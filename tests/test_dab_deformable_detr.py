@@ -6,7 +6,9 @@ import os
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.structures import Boxes, Instances
+
+from helpers import (assert_torch_export_matches, assert_trace_matches_eager, expected_loss_keys,
+                     synthetic_batch, training_step, with_original_sizes)
 
 from d2detr.modeling.conditional_transformer import gen_sineembed_for_position
 
@@ -35,22 +37,6 @@ def tiny(two_stage=False, num_classes=3, dec_layers=3, **kwargs):
         setattr(m, k, v)
     torch.manual_seed(0)
     return instantiate(m)
-
-
-def synthetic_batch(n=2, size=64):
-    g = torch.Generator().manual_seed(0)
-    out = []
-    boxes_per_image = [[[8, 10, 40, 50]], [[30, 4, 60, 30], [4, 36, 28, 60]]]
-    for i in range(n):
-        img = torch.randint(0, 60, (3, size, size), generator=g).to(torch.uint8)
-        boxes = torch.tensor(boxes_per_image[i % 2], dtype=torch.float32)
-        for j, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
-            img[j % 3, y0:y1, x0:x1] = 220
-        inst = Instances((size, size))
-        inst.gt_boxes = Boxes(boxes)
-        inst.gt_classes = torch.arange(len(boxes)) % 3
-        out.append({"image": img, "instances": inst, "height": size, "width": size})
-    return out
 
 
 def test_r50_model_structure_and_size():
@@ -138,16 +124,7 @@ def test_anchors_are_refined_layer_by_layer():
 @pytest.mark.parametrize("two_stage", [False, True], ids=["single-stage", "two-stage"])
 def test_training_step_gives_finite_weighted_losses(two_stage):
     model = tiny(two_stage=two_stage)
-    model.train()
-    losses = model(synthetic_batch())
-    base = {"loss_class", "loss_bbox", "loss_giou"}
-    expected = base | {f"{k}_{i}" for k in base for i in range(2)}
-    if two_stage:
-        expected |= {f"{k}_enc" for k in base}
-    assert set(losses) == expected
-    for k, v in losses.items():
-        assert v.dim() == 0 and torch.isfinite(v), k
-    sum(losses.values()).backward()
+    training_step(model, synthetic_batch(), expected_loss_keys(num_aux=2, enc=two_stage))
     dec = model.transformer.decoder
     params = [dec.ref_point_head.layers[0].weight, dec.query_scale.layers[0].weight,
               model.class_embed[0].weight, model.backbone.res5[0].conv1.weight]
@@ -170,9 +147,7 @@ def test_inference_returns_instances_in_original_image_size():
     model = tiny().eval()
     batch = synthetic_batch()
     originals = [(128, 96), (80, 200)]
-    for x, (h, w) in zip(batch, originals):
-        del x["instances"]
-        x["height"], x["width"] = h, w
+    with_original_sizes(batch, originals)
     with torch.no_grad():
         results = model(batch)
     for res, (h, w) in zip(results, originals):
@@ -184,37 +159,12 @@ def test_inference_returns_instances_in_original_image_size():
 
 
 def test_export_wrapper_traces_and_matches_eager():
-    from d2detr.export.wrapper import ExportableDetector
-
-    model = tiny().eval()
-    img = synthetic_batch()[0]["image"]
-    wrapper = ExportableDetector(model)
-    with torch.no_grad():
-        traced = torch.jit.trace(wrapper, (img,), check_trace=False)
-        img2 = synthetic_batch()[1]["image"][:, :48, :56]
-        tb, ts, _ = traced(img2)
-        eb, es, _ = wrapper(img2)
-    torch.testing.assert_close(tb, eb, atol=1e-4, rtol=0)
-    torch.testing.assert_close(ts, es, atol=1e-5, rtol=0)
+    assert_trace_matches_eager(tiny())
 
 
 @pytest.mark.slow  # ~45 s on 2 CPU cores
 def test_torch_export_with_dynamic_image_size(tmp_path):
-    api = pytest.importorskip("d2detr.export.api")
-    from d2detr.export.wrapper import ExportableDetector
-
-    model = tiny().eval()
-    try:
-        api.check_native_op(model)
-    except Exception as e:  # deformable models need the compiled d2detr._C op
-        pytest.skip(f"native op unavailable: {e}")
+    model = tiny()
     # >= 2 cells on the stride-64 level: torch.export specialises size-1 dimensions
     img = torch.randint(0, 255, (3, 128, 160), dtype=torch.uint8)
-    api.export_torch_export(model, img, str(tmp_path / "m.pt2"), min_size=72, max_size=512)
-    exported = api.load_exported(str(tmp_path / "m.pt2"))
-    img2 = torch.randint(0, 255, (3, 80, 120), dtype=torch.uint8)
-    with torch.no_grad():
-        got = exported(img2)
-        ref = ExportableDetector(model)(img2)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert_torch_export_matches(model, tmp_path, img, min_size=72)

@@ -6,53 +6,26 @@ import os
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.structures import Boxes, Instances
 
-from d2detr.checkpoint import apply_overrides
+from helpers import (TINY_SINGLE_SCALE, assert_losses_weighted, assert_torch_export_matches,
+                     assert_trace_matches_eager, build_model, expected_loss_keys, synthetic_batch,
+                     training_step, with_original_sizes)
+
 from d2detr.modeling.conditional_transformer import gen_sineembed_for_position
-from d2detr.modeling.criterion import SetCriterion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG_DIR = os.path.join(ROOT, "projects/dab_detr/configs")
 MODEL_CFG = os.path.join(CFG_DIR, "models/dab_detr_r50.py")
-TINY = {
-    "model.backbone.depth": 18,
-    "model.num_classes": 3,
-    "model.num_queries": 12,
-    "model.position_embedding.num_pos_feats": 32,
-    "model.transformer.d_model": 64,
-    "model.transformer.nhead": 4,
-    "model.transformer.num_encoder_layers": 2,
-    "model.transformer.num_decoder_layers": 3,
-    "model.transformer.dim_feedforward": 128,
-}
+TINY = {**TINY_SINGLE_SCALE, "model.num_queries": 12}
 
 
 def build(overrides=None, cfg_file=MODEL_CFG):
-    cfg = LazyConfig.load(cfg_file)
-    apply_overrides(cfg, overrides or {})
-    return instantiate(cfg.model)
+    return build_model(cfg_file, overrides)
 
 
 def tiny(**kwargs):
     torch.manual_seed(0)
     return build({**TINY, **kwargs})
-
-
-def synthetic_batch(n=2, size=64):
-    g = torch.Generator().manual_seed(0)
-    out = []
-    boxes_per_image = [[[8, 10, 40, 50]], [[30, 4, 60, 30], [4, 36, 28, 60]]]
-    for i in range(n):
-        img = torch.randint(0, 60, (3, size, size), generator=g).to(torch.uint8)
-        boxes = torch.tensor(boxes_per_image[i % 2], dtype=torch.float32)
-        for j, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
-            img[j % 3, y0:y1, x0:x1] = 220
-        inst = Instances((size, size))
-        inst.gt_boxes = Boxes(boxes)
-        inst.gt_classes = torch.arange(len(boxes)) % 3
-        out.append({"image": img, "instances": inst, "height": size, "width": size})
-    return out
 
 
 def test_dab_detr_r50_has_the_papers_44m_parameters():
@@ -158,14 +131,8 @@ def test_width_height_modulation_of_the_spatial_query():
 def test_training_step_gives_finite_weighted_losses_with_aux_keys():
     model = tiny()
     batch = synthetic_batch()
-    model.train()
-    losses = model(batch)
-    base = {"loss_class", "loss_bbox", "loss_giou"}
-    expected = base | {f"{k}_{i}" for k in base for i in range(2)}
-    assert set(losses) == expected
-    for k, v in losses.items():
-        assert v.dim() == 0 and torch.isfinite(v), k
-    sum(losses.values()).backward()
+    expected = expected_loss_keys(num_aux=2)
+    training_step(model, batch, expected)
     dec = model.transformer.decoder
     for p in (model.class_embed.weight, model.refpoint_embed.weight, dec.ref_point_head.layers[0].weight,
               dec.ref_anchor_head.layers[0].weight, dec.query_scale.layers[0].weight,
@@ -173,17 +140,8 @@ def test_training_step_gives_finite_weighted_losses_with_aux_keys():
               model.transformer.encoder.layers[0].activation.weight, model.backbone.res5[0].conv1.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
 
-    model.eval()
-    images, masks = model.preprocess_image(batch)
-    targets = model.prepare_targets([x["instances"] for x in batch])
-    with torch.no_grad():
-        outputs = model.forward_features(images, masks)
-        weighted = model.criterion(outputs, targets)
-        unit = SetCriterion(num_classes=3, matcher=model.criterion.matcher, use_focal=True,
-                            weight_dict={"loss_class": 1.0, "loss_bbox": 1.0, "loss_giou": 1.0})(outputs, targets)
-    for k in expected:
-        w = {"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}[k.rsplit("_", 1)[0] if k[-1].isdigit() else k]
-        torch.testing.assert_close(weighted[k], w * unit[k])
+    assert_losses_weighted(model, batch, expected, {"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0},
+                           use_focal=True)
 
 
 def test_patterns_and_random_refpoints():
@@ -207,9 +165,7 @@ def test_inference_returns_instances_in_original_image_size():
     model = tiny(**{"model.num_queries": 40}).eval()
     batch = synthetic_batch()
     originals = [(128, 96), (80, 200)]
-    for x, (h, w) in zip(batch, originals):
-        del x["instances"]
-        x["height"], x["width"] = h, w
+    with_original_sizes(batch, originals)
     with torch.no_grad():
         results = model(batch)
     for res, (h, w) in zip(results, originals):
@@ -221,35 +177,8 @@ def test_inference_returns_instances_in_original_image_size():
 
 
 def test_export_wrapper_traces_and_matches_eager():
-    from d2detr.export.wrapper import ExportableDetector
-
-    model = tiny().eval()
-    img = synthetic_batch()[0]["image"]
-    wrapper = ExportableDetector(model)
-    with torch.no_grad():
-        traced = torch.jit.trace(wrapper, (img,), check_trace=False)
-        img2 = synthetic_batch()[1]["image"][:, :48, :56]
-        tb, ts, _ = traced(img2)
-        eb, es, _ = wrapper(img2)
-    torch.testing.assert_close(tb, eb, atol=1e-4, rtol=0)
-    torch.testing.assert_close(ts, es, atol=1e-5, rtol=0)
+    assert_trace_matches_eager(tiny())
 
 
 def test_torch_export_with_dynamic_image_size(tmp_path):
-    api = pytest.importorskip("d2detr.export.api")
-    from d2detr.export.wrapper import ExportableDetector
-
-    model = tiny().eval()
-    try:
-        api.check_native_op(model)
-    except Exception as e:  # deformable models need the compiled d2detr._C op
-        pytest.skip(f"native op unavailable: {e}")
-    img = synthetic_batch()[0]["image"]
-    api.export_torch_export(model, img, str(tmp_path / "m.pt2"), min_size=64, max_size=512)
-    exported = api.load_exported(str(tmp_path / "m.pt2"))
-    img2 = torch.randint(0, 255, (3, 80, 120), dtype=torch.uint8)
-    with torch.no_grad():
-        got = exported(img2)
-        ref = ExportableDetector(model)(img2)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert_torch_export_matches(tiny(), tmp_path, synthetic_batch()[0]["image"], min_size=64)

@@ -3,55 +3,24 @@ import os
 
 import pytest
 import torch
-from detectron2.config import LazyConfig, instantiate
-from detectron2.structures import Boxes, Instances
 
-from d2detr.modeling.criterion import SetCriterion
+from helpers import (TINY_SINGLE_SCALE, assert_losses_weighted, assert_overfits, build_model,
+                     expected_loss_keys, synthetic_batch, training_step, with_original_sizes)
+
 from d2detr.modeling.transformer import DetrTransformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_CFG = os.path.join(ROOT, "projects/detr/configs/models/detr_r50.py")
-TINY = {
-    "model.backbone.depth": 18,
-    "model.num_classes": 3,
-    "model.num_queries": 10,
-    "model.position_embedding.num_pos_feats": 32,
-    "model.transformer.d_model": 64,
-    "model.transformer.nhead": 4,
-    "model.transformer.num_encoder_layers": 2,
-    "model.transformer.num_decoder_layers": 3,
-    "model.transformer.dim_feedforward": 128,
-}
+TINY = {**TINY_SINGLE_SCALE, "model.num_queries": 10}
 
 
 def build(overrides=None, **kwargs):
-    from d2detr.checkpoint import apply_overrides
-
-    cfg = LazyConfig.load(MODEL_CFG)
-    apply_overrides(cfg, {**(overrides or {}), **kwargs})
-    return instantiate(cfg.model)
+    return build_model(MODEL_CFG, {**(overrides or {}), **kwargs})
 
 
 def tiny_detr(**kwargs):
     torch.manual_seed(0)
     return build({**TINY, **kwargs})
-
-
-def synthetic_batch(n=2, size=64):
-    """Images with one or two bright rectangles and their boxes (class = index)."""
-    g = torch.Generator().manual_seed(0)
-    out = []
-    boxes_per_image = [[[8, 10, 40, 50]], [[30, 4, 60, 30], [4, 36, 28, 60]]]
-    for i in range(n):
-        img = torch.randint(0, 60, (3, size, size), generator=g).to(torch.uint8)
-        boxes = torch.tensor(boxes_per_image[i % 2], dtype=torch.float32)
-        for j, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
-            img[j % 3, y0:y1, x0:x1] = 220
-        inst = Instances((size, size))
-        inst.gt_boxes = Boxes(boxes)
-        inst.gt_classes = torch.arange(len(boxes)) % 3
-        out.append({"image": img, "instances": inst, "height": size, "width": size})
-    return out
 
 
 def test_detr_r50_has_the_papers_41m_parameters():
@@ -80,34 +49,16 @@ def test_detr_r50_has_the_papers_41m_parameters():
 def test_training_step_gives_finite_weighted_losses_with_aux_keys():
     model = tiny_detr()
     batch = synthetic_batch()
-    model.train()
-    losses = model(batch)
-    base = {"loss_class", "loss_bbox", "loss_giou"}
-    expected = base | {f"{k}_{i}" for k in base for i in range(2)}  # 3 decoder layers -> 2 aux sets
-    assert set(losses) == expected
-    for k, v in losses.items():
-        assert v.dim() == 0 and torch.isfinite(v), k
-    total = sum(losses.values())
-    total.backward()
+    expected = expected_loss_keys(num_aux=2)  # 3 decoder layers -> 2 aux sets
+    training_step(model, batch, expected)
     assert model.class_embed.weight.grad is not None and model.class_embed.weight.grad.abs().sum() > 0
     assert model.query_embed.weight.grad.abs().sum() > 0
     assert model.backbone.res5[0].conv1.weight.grad.abs().sum() > 0
     assert model.backbone.stem.conv1.weight.grad is None  # frozen
 
     # the losses are weighted: same outputs through a criterion with unit weights
-    model.eval()
-    images, masks = model.preprocess_image(batch)
-    targets = model.prepare_targets([x["instances"] for x in batch])
-    with torch.no_grad():
-        outputs = model.forward_features(images, masks)
-        weighted = model.criterion(outputs, targets)
-        unit = SetCriterion(
-            num_classes=3, matcher=model.criterion.matcher, eos_coef=0.1,
-            weight_dict={"loss_class": 1.0, "loss_bbox": 1.0, "loss_giou": 1.0},
-        )(outputs, targets)
-    for k in expected:
-        w = {"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}[k.rsplit("_", 1)[0] if k[-1].isdigit() else k]
-        torch.testing.assert_close(weighted[k], w * unit[k])
+    assert_losses_weighted(model, batch, expected, {"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0},
+                           eos_coef=0.1)
 
 
 def test_aux_outputs_follow_aux_loss_flag():
@@ -132,21 +83,7 @@ def one_thread():
 def test_overfits_two_images(one_thread):
     # backbone frozen for speed: the transformer, projections and heads must learn the boxes
     model = tiny_detr(**{"model.transformer.dropout": 0.0, "model.backbone.freeze_at": 5})
-    batch = synthetic_batch()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
-    model.train()
-    history = []
-    for _ in range(60):
-        losses = model(batch)
-        loss = sum(losses.values())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.1)
-        opt.step()
-        history.append(loss.item())
-    first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
-    assert last < 0.5 * first, (first, last)
+    assert_overfits(model, synthetic_batch(), steps=60)
 
 
 def test_inference_returns_instances_in_original_image_size():
@@ -154,9 +91,7 @@ def test_inference_returns_instances_in_original_image_size():
     batch = synthetic_batch()
     # the network saw 64x64 inputs; the originals were 128x96 and 80x200
     originals = [(128, 96), (80, 200)]
-    for x, (h, w) in zip(batch, originals):
-        del x["instances"]
-        x["height"], x["width"] = h, w
+    with_original_sizes(batch, originals)
     with torch.no_grad():
         results = model(batch)
     assert len(results) == 2
