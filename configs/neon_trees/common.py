@@ -75,10 +75,10 @@ dataloader.evaluator = L(COCOEvaluator)(
 # Each method's config sets optimizer.lr and the per-parameter lr factors of its paper.
 
 # ------------------------------------------------------------------------- schedule
-train.max_iter = 400
+train.max_iter = 500
 train.device = "cpu"
 train.output_dir = "./output/convergence"
-train.eval_period = 100
+train.eval_period = 50
 train.log_period = 20
 train.checkpointer = dict(period=100000, max_to_keep=1)
 train.seed = 42
