@@ -6,7 +6,9 @@ box refinement in every layer, dropout 0, focal loss 1/5/2, matcher 2/5/2) at th
 comparison's shared size (``common.py``): ImageNet MobileNetV2 res3/res4/res5
 (strides 8/16/32), width 128, 2+2 layers, FFN 512, one class.
 Deviations: 100 queries instead of 300 and 3 feature levels instead of 4 (as for
-Deformable DETR here).
+Deformable DETR here); the lr x0.1 groups are Deformable DETR's (backbone, sampling offsets,
+reference points) while the official DAB-Deformable-DETR optimizer slows only the backbone
+(projects/dab_deformable_detr's own configs do that) — kept so the committed curves reproduce.
 """
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
