@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from test_export import REPO, build_tiny, random_image, write_tiny_config
+from tiny_configs import REPO, build_tiny, random_image, write_tiny_config
 
 from d2detr.layers.ms_deform_attn import native_ms_deform_attn_available
 
