@@ -104,7 +104,7 @@ def signature(config: str) -> Dict:
     sig["box_sum"] = round(float(inst.pred_boxes.tensor.sum()), 3)
     model.train()
     losses = model(_batch())
-    sig["losses"] = {k: round(float(v), 6) for k, v in sorted(losses.items())}
+    sig["losses"] = {k: round(float(v.detach()), 6) for k, v in sorted(losses.items())}
     return sig
 
 
