@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convergence of five DETR-family methods on real data: COCO AP on ``neon_trees_val``
+"""Convergence of the DETR-family methods on real data: COCO AP on ``neon_trees_val``
 against training iterations, all methods in one figure.
 
     # the committed figure (docs/convergence_neon_trees.png, docs/convergence.md), ~45 min:
@@ -14,7 +14,7 @@ against training iterations, all methods in one figure.
 Each method trains its config ``configs/neon_trees/<method>_mobilenetv2.py`` through
 ``d2detr.engine.do_train`` (the loop behind ``tools/train_net.py``) with Detectron2's
 ``COCOEvaluator`` on ``neon_trees_val`` every ``--eval-period`` iterations and after the
-last one. The five configs share everything but the model (``configs/neon_trees/common.py``):
+last one. The configs share everything but the model (``configs/neon_trees/common.py``):
 the ImageNet MobileNetV2 backbone (offline weights), d_model 128, 2+2 layers, FFN 512,
 100 queries, input sizes, batch 2, AdamW lr 2e-4 with the methods' own lr factors, the LR
 schedule (warmup, x0.1 at 80 %), gradient clipping and the seed; the data loader runs in
@@ -44,6 +44,7 @@ METHODS = {
     "dab_detr": ("configs/neon_trees/dab_detr_mobilenetv2.py", "DAB-DETR"),
     "deformable_detr": ("configs/neon_trees/deformable_detr_mobilenetv2.py", "Deformable DETR"),
     "dab_deformable_detr": ("configs/neon_trees/dab_deformable_detr_mobilenetv2.py", "DAB-Deformable-DETR"),
+    "dino": ("configs/neon_trees/dino_mobilenetv2.py", "DINO"),
 }
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 #: Settings that must match for a method's stored curve to be reused instead of retrained.

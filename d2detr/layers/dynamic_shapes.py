@@ -18,7 +18,7 @@ def num_selected(k: int, scores: Tensor, dim: int = 1):
         return torch.clamp(torch._shape_as_tensor(scores)[dim], max=k)
     if torch.compiler.is_exporting():
         n = torch.full((), scores.shape[dim], dtype=torch.int64).clamp(max=k).item()
-        torch._check(n >= 0)
+        torch._check(n >= 1)  # an image has at least one token; lets attention rule out empty inputs
         torch._check(n <= k)
         torch._check(n <= scores.shape[dim])
         return n
