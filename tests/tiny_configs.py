@@ -77,6 +77,7 @@ TINY_METHODS = {
         _SMALL_MULTI_SCALE,
     ),
     "deformable_detr": ("projects/deformable_detr/configs/models/deformable_detr_mobilenetv2.py", _SMALL_DEFORMABLE),
+    "sd_detr": ("projects/sd_detr/configs/models/sd_detr_r50.py", _MOBILENET_RES5 + _SMALL_DETR_TRANSFORMER),
     "deformable_detr_refine": (
         "projects/deformable_detr/configs/models/deformable_detr_mobilenetv2.py",
         _SMALL_DEFORMABLE + "model.with_box_refine = True\n",
