@@ -276,6 +276,11 @@ def test_alignment_loss_hand_computed(normalize):
     assert losses["loss_class"].item() == pytest.approx(positive + negative, rel=1e-5)
     assert losses["loss_bbox"].item() == pytest.approx(0.2, rel=1e-5)
     assert losses["loss_giou"].item() == pytest.approx(0.5, rel=1e-5)
+    # an image without objects: both queries are negatives, p^2 BCE(p, 0), over max(1, 0 positives)
+    empty = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
+    losses = _criterion(normalize=normalize)(outputs, empty)
+    assert losses["loss_class"].item() == pytest.approx(0.25 * math.log(2.0) + negative, rel=1e-5)
+    assert losses["loss_bbox"].item() == 0.0 and losses["loss_giou"].item() == 0.0
 
 
 def test_auxiliary_layers_repeat_each_ground_truth():
@@ -426,3 +431,25 @@ def test_branch_attention_maps_are_recorded_and_drawn(tmp_path):
         np.testing.assert_allclose(maps.sum((1, 2)), 1.0, atol=1e-5)
         assert data[f"{b}_points"].shape == (2, 8, 2) and data[f"{b}_reference_points"].shape == (2, 2)
     assert np.abs(data["cls_attention_maps"] - data["loc_attention_maps"]).max() > 1e-4
+
+
+def test_point_statistics_tool_measures_offsets_in_half_box_units():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "point_statistics", os.path.join(ROOT, "projects/sd_detr/tools/point_statistics.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    model = tiny("sd_detr").eval()
+    images = [x["image"] for x in synthetic_batch()]
+    stats = tool.point_statistics(model, images)
+    # recomputed directly from the outputs of the same model
+    with torch.no_grad():
+        outs = [model.forward_features(*model.preprocess_image([{"image": im}])) for im in images]
+    for b in ("cls", "loc"):
+        direct = np.mean([((o[f"{b}_points"][0] - o["anchors"][0, :, None, :2]) / (o["anchors"][0, :, None, 2:] / 2))
+                          .abs().mean().item() for o in outs])
+        assert stats[b][0] == pytest.approx(direct, rel=1e-5)
+        assert 0.0 <= stats[b][0] <= 1.0 and 0.0 <= stats[b][1] <= 1.0 and 0.0 <= stats[b][2] <= 1.0
+    with pytest.raises(ValueError, match="task-aware"):
+        tool.point_statistics(tiny("dfl").eval(), images[:1])

@@ -129,7 +129,7 @@ class SDDetrDecoder(nn.Module):
         hs_loc: List[Tensor] = []
         for i, layer in enumerate(self.layers):
             s_cls = sine_cls if i == 0 else sine_cls * self.query_scale[cls_name](out_cls)
-            s_loc = sine_loc if i == 0 else sine_loc * self.query_scale[loc_name](out_loc)
+            s_loc = sine_loc if i == 0 or self.decoupling == "none" else sine_loc * self.query_scale[loc_name](out_loc)
             out_cls, out_loc = layer(out_cls, out_loc, pos_cls, pos_loc, s_cls, s_loc, memory, pos, mask, i == 0)
             hs_cls.append(self.norm[cls_name](out_cls))
             if self.decoupling != "none":
