@@ -64,6 +64,8 @@ class DeformableTransformerEncoderLayer(nn.Module):
     """Deformable self-attention over the flattened multi-level feature map, then an FFN.
 
     Post-norm, dropout after attention and in the FFN, as in the official code.
+    ``compute_in_float32``: the mixed-precision policy of the deformable attention (see
+    :class:`~d2detr.layers.ms_deform_attn.MultiScaleDeformableAttention`); None = the library default.
     """
 
     def __init__(
@@ -75,9 +77,11 @@ class DeformableTransformerEncoderLayer(nn.Module):
         ffn_dim: int = 1024,
         dropout: float = 0.1,
         activation: str = "relu",
+        compute_in_float32: Optional[bool] = None,
     ):
         super().__init__()
-        self.self_attn = MultiScaleDeformableAttention(embed_dim, num_heads, num_levels, num_points)
+        self.self_attn = MultiScaleDeformableAttention(embed_dim, num_heads, num_levels, num_points,
+                                                       compute_in_float32=compute_in_float32)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(embed_dim)
 
@@ -125,10 +129,12 @@ class DeformableTransformerDecoderLayer(nn.Module):
         ffn_dim: int = 1024,
         dropout: float = 0.1,
         activation: str = "relu",
+        compute_in_float32: Optional[bool] = None,
     ):
         super().__init__()
         # cross attention
-        self.cross_attn = MultiScaleDeformableAttention(embed_dim, num_heads, num_levels, num_points)
+        self.cross_attn = MultiScaleDeformableAttention(embed_dim, num_heads, num_levels, num_points,
+                                                        compute_in_float32=compute_in_float32)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(embed_dim)
         # self attention
