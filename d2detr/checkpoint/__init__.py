@@ -80,6 +80,7 @@ _BUILTIN_MODULES = {
     "torchvision_resnet": "d2detr.checkpoint.official",
     "detr_official": "d2detr.checkpoint.official",
     "dino_official": "d2detr.checkpoint.dino_official",
+    "focus_detr_official": "d2detr.checkpoint.focus_detr_official",
 }
 
 

@@ -2,7 +2,7 @@
 import torch
 from torch import Tensor
 
-__all__ = ["num_selected"]
+__all__ = ["num_selected", "count_from_tensor"]
 
 
 def num_selected(k: int, scores: Tensor, dim: int = 1):
@@ -23,3 +23,22 @@ def num_selected(k: int, scores: Tensor, dim: int = 1):
         torch._check(n <= scores.shape[dim])
         return n
     return min(k, scores.shape[dim])
+
+
+def count_from_tensor(count: Tensor, upper: int):
+    """A size computed from data -- ``count``, a 0-d integer tensor in ``[1, upper]`` -- in the form
+    a top-k or a slice takes where the graph is captured: the tensor itself under
+    ``torch.jit.trace`` (so the traced graph recomputes it), an unbacked size with those bounds
+    under ``torch.export``, a Python int otherwise.
+
+    Focus-DETR keeps a fraction of each image's *valid* tokens: the count depends on the padding
+    mask, not only on shapes, so an exported file must still compute it at run time.
+    """
+    if torch.jit.is_tracing():
+        return count
+    if torch.compiler.is_exporting():
+        n = count.item()
+        torch._check(n >= 1)
+        torch._check(n <= upper)
+        return n
+    return int(count)

@@ -544,6 +544,7 @@ class DeformableDetrTransformer(nn.Module):
     after each layer (see :class:`DeformableTransformerDecoder`), and for two-stage the encoder
     head's class logits and box logits (every token ``[N, S, ...]`` here, the selected ones in
     DINO), else None. ``Q'`` counts the ``denoising_queries`` first, then the matching queries.
+    An :meth:`encode` that also reports outputs of its own adds them as a sixth element (a dict).
     """
 
     #: Two-stage queries take their content (and, without an anchor decoder, position) from
@@ -593,7 +594,9 @@ class DeformableDetrTransformer(nn.Module):
     def encode(self, src_flatten: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                valid_ratios: Tensor, pos: Tensor, padding_mask: Tensor,
                spatial_shapes_list: List[Tuple[int, int]]) -> Tensor:
-        """The encoder over the flattened levels -> memory ``[N, S, C]``."""
+        """The encoder over the flattened levels -> memory ``[N, S, C]``, or ``(memory, outputs)``
+        where ``outputs`` is a dict of tensors the detector should see too (Focus-DETR's foreground
+        scores and kept tokens); :meth:`forward` then returns it as a sixth element."""
         return self.encoder(src_flatten, spatial_shapes, level_start_index, valid_ratios, pos=pos,
                             padding_mask=padding_mask, spatial_shapes_list=spatial_shapes_list)
 
@@ -673,6 +676,9 @@ class DeformableDetrTransformer(nn.Module):
          valid_ratios, spatial_shapes_list) = flatten_multi_level(srcs, masks, pos_embeds, self.level_embed)
         memory = self.encode(src_flatten, spatial_shapes, level_start_index, valid_ratios,
                              lvl_pos_embed_flatten, mask_flatten, spatial_shapes_list)
+        encoder_outputs = None
+        if isinstance(memory, tuple):
+            memory, encoder_outputs = memory
         tgt, query_pos, reference_points, enc_logits, enc_coords_unact = self.select_queries(
             memory, mask_flatten, spatial_shapes_list, query_embed
         )
@@ -688,4 +694,6 @@ class DeformableDetrTransformer(nn.Module):
             tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios,
             query_pos=query_pos, memory_padding_mask=mask_flatten, self_attn_mask=self_attn_mask,
         )
+        if encoder_outputs is not None:
+            return hs, reference_points, inter_references, enc_logits, enc_coords_unact, encoder_outputs
         return hs, reference_points, inter_references, enc_logits, enc_coords_unact

@@ -92,6 +92,8 @@ class ContrastiveDenoising(nn.Module):
         box_noise_scale: DINO's lambda (1.0 in every official training script; the config file says 0.4).
         label_book_size: rows of the label embedding minus one (official ``dn_labelbook_size``);
             default ``num_classes``.
+        unknown_label: keep that extra last row (DN-DETR's "unknown" label, never drawn; the
+            official DINO has it). False: ``label_book_size`` rows (detrex's DINO and Focus-DETR).
 
     ``inverse_sigmoid_eps`` (1e-3 in DINO) is set by the detector. ``forward(targets)`` takes the
     criterion's targets (``labels [n]``, ``boxes [n, 4]`` normalised cxcywh) and returns the
@@ -107,6 +109,7 @@ class ContrastiveDenoising(nn.Module):
         label_noise_ratio: float = 0.5,
         box_noise_scale: float = 1.0,
         label_book_size: Optional[int] = None,
+        unknown_label: bool = True,
     ):
         super().__init__()
         if num_dn_queries < 1:
@@ -118,7 +121,7 @@ class ContrastiveDenoising(nn.Module):
         self.num_dn_queries = num_dn_queries
         self.label_noise_ratio = label_noise_ratio
         self.box_noise_scale = box_noise_scale
-        self.label_enc = nn.Embedding(label_book_size + 1, embed_dim)
+        self.label_enc = nn.Embedding(label_book_size + int(unknown_label), embed_dim)
         self.inverse_sigmoid_eps = 1e-3
 
     def num_groups(self, max_gt: int) -> int:

@@ -226,7 +226,7 @@ class DeformableDETR(DETRBase):
         dn = None
         if self.training and self.denoising is not None:
             dn = self.denoising(targets, device=srcs[0].device)
-        hs, init_reference, inter_references, enc_logits, enc_coords_unact = self.transformer(
+        hs, init_reference, inter_references, enc_logits, enc_coords_unact, *encoder_outputs = self.transformer(
             srcs, level_masks, pos_embeds, self.query_inputs(), denoising_queries=dn
         )
         outputs_classes, outputs_coords = self.predict_per_layer(hs, init_reference, inter_references)
@@ -254,4 +254,6 @@ class DeformableDETR(DETRBase):
             if dn_outputs is not None:
                 out["dn_outputs"] = dn_outputs
                 out["dn_meta"] = dn.meta
+        for extra in encoder_outputs:  # what the encoder reports besides the memory (Focus-DETR)
+            out.update(extra)
         return out
