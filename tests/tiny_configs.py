@@ -81,6 +81,13 @@ TINY_METHODS = {
         "projects/dino/configs/models/dino_r50_4scale.py",
         _SMALL_MULTI_SCALE + "model.transformer.decoder.norm.normalized_shape = 64\nmodel.denoising.embed_dim = 64\n",
     ),
+    "focus_detr": (
+        "projects/focus_detr/configs/models/focus_detr_r50.py",
+        _SMALL_MULTI_SCALE + "model.transformer.decoder.norm.normalized_shape = 64\nmodel.denoising.embed_dim = 64\n"
+        "model.transformer.encoder.cascade_ratios = [1.0]\nmodel.transformer.encoder.encoder_layer.num_dual_tokens = 8\n"
+        "model.criterion.foreground_strides = [8, 16, 32]\n"
+        "model.criterion.foreground_ranges = [[-1, 64], [64, 128], [128, float('inf')]]\n",
+    ),
     "sd_detr": ("projects/sd_detr/configs/models/sd_detr_r50.py", _MOBILENET_RES5 + _SMALL_DETR_TRANSFORMER),
     "deformable_detr_refine": (
         "projects/deformable_detr/configs/models/deformable_detr_mobilenetv2.py",
