@@ -5,6 +5,8 @@
     python tools/benchmark.py --config-file projects/deformable_detr/configs/deformable_detr_mobilenetv2_neon_trees.py \
         --height 416 --width 416
     python tools/benchmark.py --compare-hf --threads 2          # CPU: vs transformers, same weights
+    python tools/benchmark.py --config-file projects/focus_detr/configs/models/focus_detr_r50.py \
+        --compare-config projects/dino/configs/models/dino_r50_4scale.py --no-train --threads 2  # two configs
 
 Times are measured in this process: one warm-up run of each model, then ``--runs``
 timed runs (``--train-runs`` for training steps), alternating between the models run by
@@ -15,6 +17,10 @@ the runs minus the RSS just before them (``ru_maxrss`` when the runs raised the
 high-water mark, else a 5 ms RSS sampler) -- the activations, gradients and optimizer
 state on top of the model. On CUDA it is ``torch.cuda.max_memory_allocated``.
 A training step is forward + loss + backward + AdamW step on one image with 10 boxes.
+
+``--compare-config CFG``: measures that config's model too, side by side with ``--config-file``'s
+(same image, same overrides, timed alternately in this process, memory in fresh processes), and
+prints the ratios (theirs / ours) -- Focus-DETR against DINO for the efficiency claim.
 
 ``--compare-hf`` (Deformable DETR only): builds Hugging Face's
 ``DeformableDetrForObjectDetection`` (timm ResNet-50, random weights, pure-PyTorch
@@ -53,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--train-runs", type=int, default=None, help="timed training steps (default: --runs)")
     p.add_argument("--no-train", action="store_true", help="inference only")
     p.add_argument("--compare-hf", action="store_true", help="also measure transformers' DeformableDetrForObjectDetection")
+    p.add_argument("--compare-config", default=None, metavar="CFG",
+                   help="also measure this config's model, side by side (same image and overrides)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     # internal: one measurement in a child process
@@ -346,6 +354,63 @@ def _fmt_mem(b):
     return f"{b / 2**20:.0f} MiB"
 
 
+def compare_configs(args, modes):
+    """``--compare-config``: both configs' models timed alternately in this process (one warm-up
+    each, the median of ``--runs``), their peak memory in fresh processes; prints a table."""
+    import copy
+
+    import torch
+
+    configs = {"ours": args.config_file, "compared": args.compare_config}
+    names = {k: os.path.relpath(v, _REPO) for k, v in configs.items()}
+    times = {}
+    for mode in modes:
+        runs = (args.train_runs or args.runs) if mode == "train" else args.runs
+        steps = {}
+        for key, config in configs.items():
+            torch.manual_seed(0)
+            steps[key] = make_step("ours", build_ours(config, args.opts).to(args.device), mode, args, None)
+            steps[key]()  # warm-up
+        for key in configs:
+            times[(key, mode)] = []
+        for _ in range(runs):
+            for key in configs:
+                t = time.perf_counter()
+                steps[key]()
+                times[(key, mode)].append(time.perf_counter() - t)
+        for key in configs:
+            print(f"  {names[key]} {mode}: {', '.join(_fmt_time(t) for t in times[(key, mode)])}", flush=True)
+        del steps
+    print("peak memory (one fresh process each):", flush=True)
+    peaks = {}
+    for mode in modes:
+        for key, config in configs.items():
+            one = copy.copy(args)
+            one.config_file = config
+            peaks[(key, mode)] = measure_memory(one, "ours", mode)
+            print(f"  {names[key]} {mode}: {_fmt_mem(peaks[(key, mode)])}", flush=True)
+    threads = args.threads or torch.get_num_threads()
+    print()
+    print(f"device {args.device} ({threads} threads), image {args.height}x{args.width}, batch 1")
+    print(f"| measurement | {names['ours']} | {names['compared']} | compared / first |")
+    print("|---|---:|---:|---:|")
+    labels = {"infer": "inference latency", "train": "training step"}
+    rows = []
+    for mode in modes:
+        t_a, t_b = (statistics.median(times[(k, mode)]) for k in configs)
+        m_a, m_b = peaks[("ours", mode)], peaks[("compared", mode)]
+        print(f"| {labels[mode]} (median) | {_fmt_time(t_a)} | {_fmt_time(t_b)} | {t_b / t_a:.2f}x |")
+        print(f"| {labels[mode]}: peak memory | {_fmt_mem(m_a)} | {_fmt_mem(m_b)} | {m_b / max(m_a, 1):.2f}x |")
+        rows.append({"mode": mode, "config": names["ours"], "compared_config": names["compared"],
+                     "times": times[("ours", mode)], "compared_times": times[("compared", mode)],
+                     "s": t_a, "compared_s": t_b, "peak_bytes": m_a, "compared_peak_bytes": m_b})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "threads": threads, "height": args.height, "width": args.width,
+                       "rows": rows}, f, indent=1)
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
     args.opts = [o for o in args.opts if o != "--"]
@@ -359,6 +424,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     modes = ["infer"] + ([] if args.no_train else ["train"])
+    if args.compare_config:
+        if args.compare_hf:
+            raise SystemExit("--compare-config and --compare-hf are separate comparisons: choose one")
+        return compare_configs(args, modes)
     impls = ["ours"] + (["hf"] if args.compare_hf else [])
     weights, weights_path, parity = None, None, None
     tmp = tempfile.TemporaryDirectory(prefix="d2detr_bench_")

@@ -12,7 +12,7 @@ the DETR papers' tables use). Handles added here for what fvcore does not know:
 * ``aten::_native_multi_head_attention`` (its fused inference path): the projections too.
 """
 from collections import Counter
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import torch
 from fvcore.nn import ActivationCountAnalysis, FlopCountAnalysis, parameter_count
@@ -21,7 +21,7 @@ from torch import nn
 
 from .wrapper import ExportableDetector
 
-__all__ = ["ms_deform_attn_flop_jit", "sdpa_flop_jit", "analyze_model", "format_table"]
+__all__ = ["ms_deform_attn_flop_jit", "sdpa_flop_jit", "analyze_model", "format_table", "format_comparison"]
 
 
 def ms_deform_attn_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
@@ -66,13 +66,17 @@ _IGNORED = [
     "aten::floor", "aten::ceil", "aten::round", "aten::add_", "aten::mul_", "aten::div_", "aten::sub_",
     "aten::prod", "aten::linspace", "aten::arange", "aten::clamp_min", "aten::clamp_max", "aten::meshgrid",
     "aten::ones_like", "aten::zeros_like", "aten::masked_fill_",
+    # gathering / scattering tokens (sparse encoders) and shape bookkeeping
+    "aten::scatter", "aten::expand_as", "aten::_shape_as_tensor", "aten::min",
 ]
 
 
-def analyze_model(model: nn.Module, image: torch.Tensor) -> Dict:
+def analyze_model(model: nn.Module, image: torch.Tensor, submodules: Sequence[str] = ()) -> Dict:
     """``{"input_size", "params", "trainable_params", "flops", "activations", "by_module":
-    {name: {"params", "flops", "activations"}}, "flops_by_operator", "unsupported_ops"}`` for
-    ``model`` on one ``[3, H, W]`` image. FLOPs are fvcore's (multiply-adds)."""
+    {name: {"params", "flops", "activations"}}, "submodules": {name: {"params", "flops"}},
+    "flops_by_operator", "unsupported_ops"}`` for ``model`` on one ``[3, H, W]`` image. FLOPs are
+    fvcore's (multiply-adds). ``submodules``: dotted names inside the model (``transformer.encoder``)
+    to report as well; a module called twice counts both calls."""
     wrapper = ExportableDetector(model).eval()
     inputs = (image,)
     flops = FlopCountAnalysis(wrapper, inputs).set_op_handle(**_HANDLES)
@@ -93,6 +97,14 @@ def analyze_model(model: nn.Module, image: torch.Tensor) -> Dict:
             "flops": int(flops_by_module.get(f"model.{name}", 0)),
             "activations": int(acts_by_module.get(f"model.{name}", 0)),
         }
+    modules = dict(model.named_modules())
+    missing = [name for name in submodules if name not in modules]
+    if missing:
+        raise ValueError(f"{type(model).__name__} has no submodule {missing}")
+    submodule_stats = {
+        name: {"params": int(params.get(name, 0)), "flops": int(flops_by_module.get(f"model.{name}", 0))}
+        for name in submodules
+    }
     return {
         "model": type(model).__name__,
         "input_size": [int(image.shape[-2]), int(image.shape[-1])],
@@ -101,6 +113,7 @@ def analyze_model(model: nn.Module, image: torch.Tensor) -> Dict:
         "flops": int(total_flops),
         "activations": int(total_acts),
         "by_module": by_module,
+        "submodules": submodule_stats,
         "flops_by_operator": {k: int(v) for k, v in flops.by_operator().items()},
         "unsupported_ops": dict(Counter(flops.unsupported_ops())),
     }
@@ -120,10 +133,40 @@ def format_table(stats: Dict) -> str:
             lines.append(
                 f"| {name} | {row['params'] / 1e6:.3f} | {row['flops'] / 1e9:.3f} | {row['activations'] / 1e6:.3f} |"
             )
+    for name, row in stats.get("submodules", {}).items():
+        lines.append(f"| {name} | {row['params'] / 1e6:.3f} | {row['flops'] / 1e9:.3f} | |")
     lines.append(
         f"| **total** | **{stats['params'] / 1e6:.3f}** | **{stats['flops'] / 1e9:.3f}** | "
         f"**{stats['activations'] / 1e6:.3f}** |"
     )
     if stats["unsupported_ops"]:
         lines += ["", "not counted: " + ", ".join(f"{k} x{v}" for k, v in sorted(stats["unsupported_ops"].items()))]
+    return "\n".join(lines)
+
+
+def format_comparison(stats: Dict, baseline: Dict, names: Sequence[str] = ()) -> str:
+    """A Markdown table of ``stats`` beside ``baseline`` (two :func:`analyze_model` results at the
+    same input size): GFLOPs and parameters of the whole model and of ``names`` (top-level modules
+    or submodules of both), with the ratio to the baseline."""
+    def row_of(s: Dict, name: str) -> Dict:
+        if name == "total":
+            return {"params": s["params"], "flops": s["flops"]}
+        found = s.get("submodules", {}).get(name) or s["by_module"].get(name)
+        if found is None:
+            raise KeyError(f"{s['model']}: no statistics for {name!r} (pass it in submodules)")
+        return found
+
+    h, w = stats["input_size"]
+    a, b = stats["model"], baseline["model"]
+    lines = [
+        f"{a} vs {b} at {h}x{w} (fvcore; FLOPs = multiply-adds)",
+        "",
+        f"| module | {a} GFLOPs | {b} GFLOPs | ratio | {a} params (M) | {b} params (M) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in list(names) + ["total"]:
+        x, y = row_of(stats, name), row_of(baseline, name)
+        ratio = f"{x['flops'] / y['flops']:.1%}" if y["flops"] else "-"
+        lines.append(f"| {name} | {x['flops'] / 1e9:.2f} | {y['flops'] / 1e9:.2f} | {ratio} | "
+                     f"{x['params'] / 1e6:.2f} | {y['params'] / 1e6:.2f} |")
     return "\n".join(lines)
