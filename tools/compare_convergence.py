@@ -46,6 +46,7 @@ METHODS = {
     "deformable_detr": ("configs/neon_trees/deformable_detr_mobilenetv2.py", "Deformable DETR"),
     "dab_deformable_detr": ("configs/neon_trees/dab_deformable_detr_mobilenetv2.py", "DAB-Deformable-DETR"),
     "dino": ("configs/neon_trees/dino_mobilenetv2.py", "DINO"),
+    "focus_detr": ("configs/neon_trees/focus_detr_mobilenetv2.py", "Focus-DETR"),
     # SD-DETR's ablation (paper Table 2), row by row: one config, the rows differ by METHOD_OVERRIDES
     "sd_detr_baseline": ("configs/neon_trees/sd_detr_mobilenetv2.py", "SD-DETR baseline (Cond. DETR + mini-detector)"),
     "sd_detr_dfl": ("configs/neon_trees/sd_detr_mobilenetv2.py", "+ decoupled feature learning"),
