@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from d2detr.export import ExportableDetector, export_torch_export, export_torchscript  # noqa: E402
 from d2detr.export.cli import build_model, dataset_class_names, load_config, read_image  # noqa: E402
+from d2detr.export.onnx import DEFORM_ATTN_LOWERINGS, OPSET, export_onnx, load_onnx  # noqa: E402
 from d2detr.layers.ms_deform_attn import get_library_path  # noqa: E402
 
 logger = logging.getLogger("d2detr.export")
@@ -44,9 +45,9 @@ def get_parser():
     parser.add_argument("--dataset", help="dataset whose class names are stored in the file (default: the config's test set)")
     parser.add_argument("--min-size", type=int, default=64, help="torch_export, onnx: smallest H/W accepted")
     parser.add_argument("--max-size", type=int, default=4096, help="torch_export, onnx: largest H/W accepted")
-    parser.add_argument("--deform-attn", choices=["grid_sample", "tensorrt"], default="grid_sample",
+    parser.add_argument("--deform-attn", choices=sorted(DEFORM_ATTN_LOWERINGS), default="grid_sample",
                         help="onnx: deformable attention as standard operators (default) or one TensorRT plugin node")
-    parser.add_argument("--opset", type=int, default=18, help="onnx: ONNX opset (>= 16)")
+    parser.add_argument("--opset", type=int, default=OPSET, help="onnx: ONNX opset (>= 16)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="key=value config overrides")
     return parser
 
@@ -75,8 +76,6 @@ def main(args):
             model, image, path, method="script" if args.script else "trace", class_names=classes
         )
     elif args.format == "onnx":
-        from d2detr.export.onnx import export_onnx, load_onnx
-
         path = os.path.join(args.output, "model.onnx")
         export_onnx(model, image, path, deform_attn=args.deform_attn, opset=args.opset,
                     min_size=args.min_size, max_size=args.max_size, class_names=classes)

@@ -8,7 +8,7 @@ dynamo exporter and dynamic height and width.
   ``Slice`` of the value, a ``Reshape`` to ``[N*M, D, H_l, W_l]`` (``H_l``, ``W_l`` read from
   ``spatial_shapes`` at run time, so every image size works), ``GridSample`` (opset 16: bilinear,
   zeros padding, ``align_corners=0``) at ``2 * loc - 1``, then the attention-weighted sum. Plain
-  ``onnxruntime`` (or OpenVINO, TensorRT's own GridSample) runs the file; no custom-op library.
+  ``onnxruntime`` runs the file; no custom-op library.
 * ``"tensorrt"``: one node ``trt::MultiscaleDeformableAttnPlugin_TRT`` with the five inputs of
   NVIDIA TensorRT's plugin (value ``[N, S, M, D]``, spatial shapes ``[L, 2]`` int32, level start
   index ``[L]`` int32, sampling locations ``[N, Q, M, L, P, 2]``, attention weights ``[N, Q, M, L,
