@@ -79,6 +79,7 @@ _BUILTIN_MODULES = {
     # not Hugging Face: ImageNet backbones and the official DETR release
     "torchvision_resnet": "d2detr.checkpoint.official",
     "detr_official": "d2detr.checkpoint.official",
+    "dino_official": "d2detr.checkpoint.dino_official",
 }
 
 
