@@ -34,7 +34,7 @@ needs_op = pytest.mark.skipif(
     not native_ms_deform_attn_available("cpu"),
     reason="the native d2detr._C op library is not built (python setup.py build_ext --inplace)",
 )
-# Methods whose operators the others cover (one dynamo export with dynamic H, W costs 25-35 s of
+# Methods whose operators the others cover (one dynamo export with dynamic H, W costs 25-60 s of
 # CPU): DAB-DETR's decoder uses Conditional DETR's ops; two-stage Deformable DETR runs every
 # reference-point path of plain and box-refined Deformable DETR; DAB-Deformable's two-stage is
 # Deformable's two-stage + DAB-Deformable's decoder.
@@ -284,8 +284,8 @@ def test_export_tool_onnx_fresh_process(tmp_path, method):
     proto = onnx.load(path)
     onnx.checker.check_model(proto, full_check=True)
     assert {n.domain for n in proto.graph.node} == {""}  # standard operators only
-    deformable = any(isinstance(m, MultiScaleDeformableAttention) for m in model.modules())
-    assert any(n.op_type == "GridSample" for n in proto.graph.node) == deformable
+    if any(isinstance(m, MultiScaleDeformableAttention) for m in model.modules()):
+        assert any(n.op_type == "GridSample" for n in proto.graph.node)  # the op, lowered
     meta = read_metadata(path)
     assert meta["format"] == "onnx-grid_sample" and meta["class_names"] == ["0", "1", "2"]
     assert meta["num_classes"] == 3 and meta["detections_per_image"] == 10
