@@ -1,0 +1,61 @@
+"""The pieces AdaMixer, RNNDet and DEQDet share, at AdaMixer's official settings
+(``MCG-NJU/AdaMixer``, ``configs/adamixer/adamixer_r50_1x_coco.py``); each method's model config
+composes them and changes what its paper changes (DEQDet: 3x3 conv + ReLU neck, 64 points).
+
+- ``backbone``: ResNet-50 C2-C5 (strides 4, 8, 16, 32), stem + res2 frozen (mmdet frozen_stages=1).
+- ``neck``: a 1x1 conv per level to 256 channels, one GroupNorm(32) shared by the levels.
+- ``queries``: ``num_queries`` content embeddings (+ LayerNorm) at the whole image.
+- ``stage``: one AdaMixer stage (256 wide, 8 heads, FFN 2048, 4 groups x 32 -> 128 points).
+- ``criterion``: Hungarian matching (focal 2, L1 5, GIoU 2) and the same loss weights.
+
+``${..num_classes}`` / ``${..num_queries}`` resolve against the model that holds the pieces.
+"""
+from detectron2.config import LazyCall as L
+from detectron2.layers import ShapeSpec
+
+from d2detr.modeling.adamixer import AdaMixerCriterion, AdaMixerMatcher, AdaMixerQueryInit, AdaMixerStage
+from d2detr.modeling.backbone import build_resnet
+from d2detr.modeling.neck import ChannelMapper
+
+LEVELS = ["res2", "res3", "res4", "res5"]
+
+backbone = L(build_resnet)(depth=50, out_features=LEVELS, freeze_at=2)
+
+neck = L(ChannelMapper)(
+    input_shapes={
+        "res2": L(ShapeSpec)(channels=256, stride=4),
+        "res3": L(ShapeSpec)(channels=512, stride=8),
+        "res4": L(ShapeSpec)(channels=1024, stride=16),
+        "res5": L(ShapeSpec)(channels=2048, stride=32),
+    },
+    in_features=LEVELS,
+    out_channels=256,
+    num_outs=4,
+    kernel_size=1,
+    norm="shared_GN",
+    num_groups=32,
+    activation="",
+)
+
+queries = L(AdaMixerQueryInit)(num_queries="${..num_queries}", content_dim=256)
+
+stage = L(AdaMixerStage)(
+    num_classes="${..num_classes}",
+    content_dim=256,
+    feat_channels=256,
+    num_heads=8,
+    ffn_dim=2048,
+    in_points=32,
+    out_points=128,
+    num_groups=4,
+    num_cls_fcs=1,
+    num_reg_fcs=1,
+    dropout=0.0,
+)
+
+criterion = L(AdaMixerCriterion)(
+    num_classes="${..num_classes}",
+    matcher=L(AdaMixerMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0),
+    weight_dict={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0},
+    losses=["class", "boxes"],
+)
