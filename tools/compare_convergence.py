@@ -44,6 +44,9 @@ METHODS = {
     "dab_detr": ("configs/neon_trees/dab_detr_mobilenetv2.py", "DAB-DETR"),
     "deformable_detr": ("configs/neon_trees/deformable_detr_mobilenetv2.py", "Deformable DETR"),
     "dab_deformable_detr": ("configs/neon_trees/dab_deformable_detr_mobilenetv2.py", "DAB-Deformable-DETR"),
+    "adamixer": ("configs/neon_trees/adamixer_mobilenetv2.py", "AdaMixer"),
+    "rnndet": ("configs/neon_trees/rnndet_mobilenetv2.py", "RNNDet"),
+    "deqdet": ("configs/neon_trees/deqdet_mobilenetv2.py", "DEQDet"),
 }
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 #: Settings that must match for a method's stored curve to be reused instead of retrained.
@@ -205,7 +208,8 @@ def plot(results: Dict, path: str) -> str:
     import matplotlib.pyplot as plt
 
     styles = {"detr": ("tab:gray", "o"), "conditional_detr": ("tab:blue", "s"), "dab_detr": ("tab:green", "^"),
-              "deformable_detr": ("tab:orange", "D"), "dab_deformable_detr": ("tab:red", "v")}
+              "deformable_detr": ("tab:orange", "D"), "dab_deformable_detr": ("tab:red", "v"),
+              "adamixer": ("tab:purple", "P"), "rnndet": ("tab:brown", "X"), "deqdet": ("tab:pink", "*")}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     methods = results["methods"]
     for key, ax in zip(("AP", "AP50"), axes):

@@ -33,11 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from d2detr.layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou
+from d2detr.layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from d2detr.layers.ms_deform_attn import ms_deform_attn
 
-from .criterion import SetCriterion
-from .matcher import HungarianMatcher
 from .meta_arch.detr_base import DETRBase
 
 __all__ = [
@@ -55,8 +53,6 @@ __all__ = [
     "AdaMixerStage",
     "QueryState",
     "AdaMixerQueryInit",
-    "AdaMixerMatcher",
-    "AdaMixerCriterion",
     "AdaMixerDetectorBase",
     "WeightTiedAdaMixerBase",
     "fresh_copy",
@@ -389,63 +385,6 @@ class AdaMixerQueryInit(nn.Module):
         return QueryState(boxes_to_xyzr(boxes), content, boxes)
 
 
-# --------------------------------------------------------------------- matcher, criterion
-def _image_whwh(targets: List[Dict[str, Tensor]]) -> List[Tensor]:
-    try:
-        return [t["image_whwh"] for t in targets]
-    except KeyError as e:
-        raise KeyError("AdaMixer's matcher/criterion need targets with 'image_whwh' "
-                       "(AdaMixerDetectorBase.prepare_targets adds it)") from e
-
-
-class AdaMixerMatcher(HungarianMatcher):
-    """mmdet's ``HungarianAssigner`` as AdaMixer and DEQDet configure it: focal class cost, L1 cost
-    on **normalised XYXY** boxes (``BBoxL1Cost``, box_format xyxy) and -GIoU on **pixel** boxes
-    (``IoUCost``). Targets carry ``image_whwh``."""
-
-    def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 alpha: float = 0.25, gamma: float = 2.0):
-        super().__init__(cost_class, cost_bbox, cost_giou, use_focal=True, alpha=alpha, gamma=gamma)
-
-    @torch.no_grad()
-    def cost_matrix(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]) -> Tensor:
-        bs, nq = outputs["pred_logits"].shape[:2]
-        logits = outputs["pred_logits"].flatten(0, 1).float()
-        pred = box_cxcywh_to_xyxy(outputs["pred_boxes"].flatten(0, 1).float())
-        tgt_ids = torch.cat([t["labels"] for t in targets]).to(logits.device, torch.long)
-        tgt = box_cxcywh_to_xyxy(torch.cat([t["boxes"] for t in targets]).to(pred))
-        whwh = _image_whwh(targets)
-        pred_scale = torch.cat([s.to(pred).expand(nq, 4) for s in whwh])
-        tgt_scale = torch.cat([s.to(pred).expand(len(t["boxes"]), 4) for s, t in zip(whwh, targets)])
-        cost = (
-            self.cost_class * self.class_cost(logits, tgt_ids)
-            + self.cost_bbox * torch.cdist(pred, tgt, p=1)
-            - self.cost_giou * generalized_box_iou(pred * pred_scale, tgt * tgt_scale)
-        )
-        return cost.view(bs, nq, -1)
-
-
-class AdaMixerCriterion(SetCriterion):
-    """:class:`SetCriterion` with AdaMixer's box losses: L1 on normalised XYXY boxes and GIoU on
-    pixel boxes (mmdet ``L1Loss`` / ``GIoULoss`` on decoded boxes), both summed over matched pairs
-    and divided by the number of boxes. Focal classification as SetCriterion's."""
-
-    def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float],
-                 losses: Sequence[str] = ("class", "boxes"), focal_alpha: float = 0.25, focal_gamma: float = 2.0):
-        super().__init__(num_classes, matcher, weight_dict, losses, use_focal=True, focal_alpha=focal_alpha,
-                         focal_gamma=focal_gamma)
-
-    def loss_boxes(self, outputs, targets, indices, num_boxes) -> Dict[str, Tensor]:
-        pred = outputs["pred_boxes"]
-        batch_idx, src_idx = self._src_permutation_idx(indices)
-        src = box_cxcywh_to_xyxy(pred[batch_idx.to(pred.device), src_idx.to(pred.device)].float())
-        tgt = box_cxcywh_to_xyxy(torch.cat([t["boxes"][J] for t, (_, J) in zip(targets, indices)]).to(src))
-        scale = torch.cat([s.to(src).expand(len(J), 4) for s, (_, J) in zip(_image_whwh(targets), indices)])
-        loss_bbox = F.l1_loss(src, tgt, reduction="none").sum() / num_boxes
-        giou = torch.diag(generalized_box_iou(src * scale, tgt * scale))
-        return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
-
-
 # ------------------------------------------------------------------------- meta-arch base
 class AdaMixerDetectorBase(DETRBase):
     """Backbone -> neck -> :class:`FeaturePyramid`, the initial queries, and the outputs of the
@@ -459,7 +398,9 @@ class AdaMixerDetectorBase(DETRBase):
     Args:
         backbone, neck: the neck's ``output_shape()`` gives the level strides.
         queries: :class:`AdaMixerQueryInit`; ``num_queries`` must equal its ``num_queries``.
-        criterion: :class:`AdaMixerCriterion` (None for inference only).
+        criterion: a ``SetCriterion`` with focal classification and ``l1_box_format="xyxy"``
+            (mmdet's L1 loss on decoded XYXY boxes; GIoU is invariant to the per-axis scaling, so
+            on normalised boxes it equals mmdet's pixel GIoU), None for inference only.
         num_classes, select_box_nums_for_evaluation, pixel_mean, pixel_std, size_divisibility,
             input_format: see :class:`DETRBase` (mmdet pads to 32).
     """
@@ -507,13 +448,6 @@ class AdaMixerDetectorBase(DETRBase):
     def stage_outputs(self, state: QueryState, whwh: Tensor) -> Dict[str, Tensor]:
         """A stage's ``{"pred_logits", "pred_boxes"}`` (boxes normalised cxcywh by the image size)."""
         return {"pred_logits": state.logits, "pred_boxes": box_xyxy_to_cxcywh(state.boxes / whwh[:, None, :])}
-
-    def prepare_targets(self, instances):
-        targets = super().prepare_targets(instances)
-        for t, inst in zip(targets, instances):
-            h, w = inst.image_size
-            t["image_whwh"] = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
-        return targets
 
     def compute_losses(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         sets = outputs.get("loss_sets")

@@ -6,15 +6,19 @@ composes them and changes what its paper changes (DEQDet: 3x3 conv + ReLU neck, 
 - ``neck``: a 1x1 conv per level to 256 channels, one GroupNorm(32) shared by the levels.
 - ``queries``: ``num_queries`` content embeddings (+ LayerNorm) at the whole image.
 - ``stage``: one AdaMixer stage (256 wide, 8 heads, FFN 2048, 4 groups x 32 -> 128 points).
-- ``criterion``: Hungarian matching (focal 2, L1 5, GIoU 2) and the same loss weights.
+- ``criterion``: Hungarian matching (focal 2, L1 5, GIoU 2) and the same loss weights, the L1
+  cost and loss between XYXY boxes (mmdet's ``BBoxL1Cost(box_format="xyxy")`` and ``L1Loss`` on
+  decoded boxes; their GIoU on pixel boxes equals the GIoU of normalised boxes).
 
 ``${..num_classes}`` / ``${..num_queries}`` resolve against the model that holds the pieces.
 """
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 
-from d2detr.modeling.adamixer import AdaMixerCriterion, AdaMixerMatcher, AdaMixerQueryInit, AdaMixerStage
+from d2detr.modeling.adamixer import AdaMixerQueryInit, AdaMixerStage
 from d2detr.modeling.backbone import build_resnet
+from d2detr.modeling.criterion import SetCriterion
+from d2detr.modeling.matcher import HungarianMatcher
 from d2detr.modeling.neck import ChannelMapper
 
 LEVELS = ["res2", "res3", "res4", "res5"]
@@ -53,9 +57,15 @@ stage = L(AdaMixerStage)(
     dropout=0.0,
 )
 
-criterion = L(AdaMixerCriterion)(
+criterion = L(SetCriterion)(
     num_classes="${..num_classes}",
-    matcher=L(AdaMixerMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0),
+    matcher=L(HungarianMatcher)(
+        cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, use_focal=True, alpha=0.25, gamma=2.0, l1_box_format="xyxy"
+    ),
     weight_dict={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0},
     losses=["class", "boxes"],
+    use_focal=True,
+    focal_alpha=0.25,
+    focal_gamma=2.0,
+    l1_box_format="xyxy",
 )
