@@ -270,3 +270,38 @@ def test_adamixer_bad_configs(tmp_path):
         tiny_adamixer(tmp_path, "model.queries.num_queries = 5\n")
     with pytest.raises(ValueError, match="num_stages"):
         tiny_adamixer(tmp_path, "model.num_stages = 0\n")
+
+
+@needs_op
+def test_visualize_sampling_points(tmp_path):
+    """tools/visualize_attention.py draws a query's 3D sampling points: one panel per query; at
+    initialisation (zero offset weights) the recorded points are the box centre + the offset
+    biases times the box size, at z - 1, with level weights summing to 1 over the 3 levels."""
+    import importlib.util
+    import os
+
+    import cv2
+    import numpy as np
+    from tiny_configs import REPO, random_image
+
+    config = write_tiny_config(tmp_path, "adamixer")
+    model, weights = build_tiny(config)
+    image_path = str(tmp_path / "img.png")
+    cv2.imwrite(image_path, random_image(96, 128, 0).permute(1, 2, 0).numpy())
+    spec = importlib.util.spec_from_file_location("visualize_attention", os.path.join(REPO, "tools", "visualize_attention.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = tool.get_parser().parse_args(["--config-file", config, "--input", image_path, "--output", str(tmp_path / "out"),
+                                         "--min-size", "0", "--topk", "2", "--layer", "0", "--save-data",
+                                         f"train.init_checkpoint={weights}"])
+    (png,) = tool.main(args)
+    assert cv2.imread(png).shape == (96, 128 * 2, 3)
+    data = np.load(png[:-4] + ".npz")
+    assert str(data["layer"]) == "stages.0.sampling_mixing" and list(data["strides"]) == [8, 16, 32]
+    G, P = 4, 6
+    bias = model.stages[0].sampling_mixing.sampling_offset_generator.bias.detach().view(G, P, 3).numpy()
+    for box, points, z in zip(data["input_boxes"], data["sampling_points"], data["sampling_z"]):
+        np.testing.assert_allclose(box, [0, 0, 128, 96], atol=1e-3)  # the whole image
+        np.testing.assert_allclose(points, np.array([64, 48]) + bias[..., :2] * np.array([128, 96]), atol=1e-3)
+        np.testing.assert_allclose(z, 0.5 * np.log2(128 * 96) + bias[..., 2], atol=1e-4)
+    np.testing.assert_allclose(data["level_weights"].sum(-1), 1.0, atol=1e-5)

@@ -159,3 +159,72 @@ def test_bad_schedule(tmp_path):
         tiny_deqdet(tmp_path, "model.supervision_steps = [1, 4]\n")
     with pytest.raises(ValueError, match="probability"):
         tiny_deqdet(tmp_path, "model.perturb_content_prob = 1.5\n")
+
+
+def test_outputs_per_step_and_plot_refinement_steps(tmp_path):
+    """``outputs_per_step`` gives, after n steps, what ``test_refinement_steps = n`` gives; the
+    plot tool's AP after n steps is the AP of Detectron2's evaluation loop with that setting."""
+    import importlib.util
+    import os
+
+    import cv2
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.evaluation import inference_on_dataset
+    from tiny_configs import REPO
+
+    from d2detr.export.cli import build_model, load_config
+
+    model = tiny_deqdet(tmp_path).eval()
+    images, masks = model.preprocess_image([{"image": synthetic_batch()[0]["image"]}])
+    with torch.no_grad():
+        per_step = list(model.outputs_per_step(images, masks, 3))
+        for n, out in per_step:
+            model.test_refinement_steps = n
+            torch.testing.assert_close(out["pred_boxes"], model.forward_features(images, masks)["pred_boxes"])
+    assert [n for n, _ in per_step] == [0, 1, 2, 3]
+
+    # a two-image dataset, and a checkpoint whose boxes move from step to step
+    records = []
+    for i, x in enumerate(synthetic_batch()):
+        path = str(tmp_path / f"img{i}.png")
+        cv2.imwrite(path, x["image"].permute(1, 2, 0).numpy())
+        boxes = x["instances"].gt_boxes.tensor.tolist()
+        records.append({"file_name": path, "image_id": i, "height": 64, "width": 64, "annotations": [
+            {"bbox": b, "bbox_mode": 0, "category_id": int(c)} for b, c in zip(boxes, x["instances"].gt_classes)]})
+    name = "deqdet_refinement_steps_test"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: records)
+        MetadataCatalog.get(name).set(thing_classes=["a", "b", "c"])
+    torch.manual_seed(0)
+    for stage in (model.init_stage, model.refine_stage):
+        torch.nn.init.normal_(stage.fc_reg.weight, std=0.05)
+    weights = str(tmp_path / "w.pth")
+    torch.save({"model": model.state_dict()}, weights)
+    config = str(tmp_path / "full.py")
+    with open(config, "w") as f:
+        f.write(open(write_tiny_config(tmp_path, "deqdet")).read() + f'''
+from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.evaluation import COCOEvaluator
+from omegaconf import OmegaConf
+from d2detr.data.detr_dataset_mapper import DetrDatasetMapper
+dataloader = OmegaConf.create()
+dataloader.test = L(build_detection_test_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="{name}", filter_empty=False),
+    mapper=L(DetrDatasetMapper)(is_train=False, augmentation=[], image_format="RGB"), num_workers=0)
+dataloader.evaluator = L(COCOEvaluator)(dataset_name="{name}", output_dir=None, use_fast_impl=False)
+''')
+    spec = importlib.util.spec_from_file_location("plot_refinement_steps", os.path.join(REPO, "tools", "plot_refinement_steps.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out_json, out_png = str(tmp_path / "steps.json"), str(tmp_path / "steps.png")
+    results = tool.main(tool.get_parser().parse_args(
+        ["--run", "DEQDet", config, weights, "--max-steps", "3", "--json", out_json, "--figure", out_png]))
+    run = results["runs"][0]
+    assert sorted(run["steps"]) == ["1", "2", "3"] and run["test_refinement_steps"] == 3 and os.path.isfile(out_png)
+    cfg = load_config(config, [f"train.init_checkpoint={weights}", "model.test_refinement_steps=2"])
+    cfg.dataloader.evaluator.output_dir = str(tmp_path / "eval")
+    from detectron2.config import instantiate
+
+    ref = inference_on_dataset(build_model(cfg), instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+    assert run["steps"]["2"]["AP"] == pytest.approx(ref["bbox"]["AP"], abs=1e-6)
+    assert tool.main(tool.get_parser().parse_args(["--plot-only", "--json", out_json, "--figure", out_png]))["runs"]

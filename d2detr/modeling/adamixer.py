@@ -27,7 +27,7 @@ and it traces and exports, where the official code loops over levels with ``F.gr
 """
 import copy
 import math
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,7 @@ __all__ = [
     "sample_3d",
     "AdaptiveMixing",
     "AdaptiveSamplingMixing",
+    "SamplingPointsRecorder",
     "AdaMixerStage",
     "QueryState",
     "AdaMixerQueryInit",
@@ -266,6 +267,38 @@ class AdaptiveSamplingMixing(nn.Module):
         xy, z = self.sampling_points(content, xyzr)
         sampled = sample_3d(pyramid, xy, z, self.tau)
         return self.norm(self.adaptive_mixing(sampled, content))
+
+
+class SamplingPointsRecorder:
+    """Context manager recording the 3D sampling points of every :class:`AdaptiveSamplingMixing`
+    call of ``model`` (stage order; a weight-tied stage once per step), for pictures of where a
+    query looks. ``records[i]`` holds ``xy [B, Q, G, P, 2]`` (pixels of the padded input), ``z [B, Q,
+    G, P]``, ``level_weights [B, Q, G, P, L]``, ``box [B, Q, 4]`` (the XYXY box the points are
+    placed in), ``strides`` and ``name`` (the module's)."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptiveSamplingMixing)]
+        self.records: List[Dict] = []
+        self._handles = []
+
+    def __enter__(self):
+        for name, module in self.modules:
+            def hook(mod, args, name=name):
+                pyramid, content, xyzr = args
+                xy, z = mod.sampling_points(content, xyzr)
+                self.records.append({
+                    "name": name, "xy": xy.detach(), "z": z.detach(), "box": xyzr_to_boxes(xyzr).detach(),
+                    "level_weights": level_weights(z, pyramid.log2_strides, mod.tau).detach(),
+                    "strides": torch.pow(2.0, pyramid.log2_strides).round().long().tolist(),
+                })
+            self._handles.append(module.register_forward_pre_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
 
 
 # --------------------------------------------------------------------------------- stage
@@ -508,6 +541,18 @@ class WeightTiedAdaMixerBase(AdaMixerDetectorBase):
 
     def training_outputs(self, pyramid: FeaturePyramid, first: QueryState, whwh: Tensor) -> Dict:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def outputs_per_step(self, images, masks: Tensor, max_steps: int) -> Iterator[Tuple[int, Dict[str, Tensor]]]:
+        """Inference outputs after 0, 1, ..., ``max_steps`` refinement steps, in one pass (what
+        ``forward_features`` returns with ``test_refinement_steps = n``, for every ``n``)."""
+        whwh = self.image_whwh(masks)
+        pyramid = self.pyramid(images, masks, self.init_stage.num_groups)
+        state = self.init_stage(pyramid, self.queries(whwh))
+        yield 0, self.stage_outputs(state, whwh)
+        for n in range(1, max_steps + 1):
+            state = self.refine_stage(pyramid, state)
+            yield n, self.stage_outputs(state, whwh)
 
     def forward_features(self, images, masks: Tensor) -> Dict:
         whwh = self.image_whwh(masks)
