@@ -9,7 +9,7 @@ Test: "coco_2017_val" at 1333x800, COCOEvaluator with the official pycocotools e
 The models pad to a multiple of 32 themselves (``size_divisibility``), as mmdet's ``Pad``.
 
 Their 3x / 2x schedules use DETR's multi-scale + crop augmentation instead
-(``configs/common/data/coco_detr.py``, with ``filter_empty=True``).
+(``configs/common/data/coco_detr.py``; ``configs/common/adamixer_recipe.py`` sets ``filter_empty``).
 """
 from detectron2.config import LazyCall as L
 from detectron2.data import transforms as T

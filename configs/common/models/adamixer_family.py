@@ -69,3 +69,11 @@ criterion = L(SetCriterion)(
     focal_gamma=2.0,
     l1_box_format="xyxy",
 )
+
+
+def use_deqdet_decoder(neck, stage):
+    """What the DEQDet code base (DEQDet, and its FFNDet / RNNDet baselines) changes in these
+    pieces: a 3x3 conv + ReLU per neck level (``ChannelMapperWithGN``) and 64 sampling points."""
+    neck.kernel_size = 3
+    neck.activation = "relu"
+    stage.in_points = 64

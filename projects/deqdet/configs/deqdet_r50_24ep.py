@@ -6,18 +6,19 @@ AdamW 2.5e-5, weight decay 0.01, decoder lr x4 / weight decay x10, clip 1, batch
 iterations) for 24 epochs with lr x0.1 after epochs 16 and 22, 300 queries and 300 detections per
 image, DETR's augmentation (``configs/common/data/coco_detr.py``, images without objects dropped).
 """
-from ....configs.common.coco_schedule import default_coco_epoch_scheduler, epochs_to_iters
+from ....configs.common.adamixer_recipe import (
+    DEQDET_DECODER_LR_FACTORS,
+    DEQDET_DECODER_WEIGHT_DECAY_FACTORS,
+    apply_recipe,
+)
 from ....configs.common.data.coco_detr import dataloader
-from ....configs.common.data.coco_mmdet_1x import MMDET_COCO_TRAIN_IMAGES
-from .deqdet_r50_12ep import BATCH_SIZE, WARMUP_ITERS, model, optimizer, train
-
-EPOCHS, LR_DROPS = 24, [16, 22]
-SCHEDULE = dict(batch_size=BATCH_SIZE, num_images=MMDET_COCO_TRAIN_IMAGES)
+from ....configs.common.optim import AdamW as optimizer
+from ....configs.common.train import train
+from .models.deqdet_r50 import model
 
 model.num_queries = 300
-dataloader.train.dataset.filter_empty = True
-dataloader.train.total_batch_size = BATCH_SIZE
-
-lr_multiplier = default_coco_epoch_scheduler(EPOCHS, LR_DROPS, warmup_iters=WARMUP_ITERS, warmup_factor=0.001, **SCHEDULE)
-train.max_iter = epochs_to_iters(EPOCHS, **SCHEDULE)
+lr_multiplier = apply_recipe(
+    optimizer, train, dataloader, epochs=24, lr_drops=[16, 22], weight_decay=0.01,
+    lr_factors=DEQDET_DECODER_LR_FACTORS, weight_decay_factors=DEQDET_DECODER_WEIGHT_DECAY_FACTORS,
+)
 train.output_dir = "./output/deqdet_r50_24ep"

@@ -15,12 +15,9 @@ from detectron2.config import LazyCall as L
 
 from d2detr.projects.deqdet.modeling import DEQDet
 
-from .....configs.common.models.adamixer_family import backbone, criterion, neck, queries, stage
+from .....configs.common.models.adamixer_family import backbone, criterion, neck, queries, stage, use_deqdet_decoder
 
-# what DEQDet changes in AdaMixer's pieces: a 3x3 conv + ReLU per neck level, 64 sampling points
-neck.kernel_size = 3
-neck.activation = "relu"
-stage.in_points = 64
+use_deqdet_decoder(neck, stage)  # 3x3 conv + ReLU neck, 64 sampling points
 
 model = L(DEQDet)(
     backbone=backbone,

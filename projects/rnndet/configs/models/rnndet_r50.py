@@ -12,12 +12,9 @@ from detectron2.config import LazyCall as L
 
 from d2detr.projects.rnndet.modeling import RNNDet
 
-from .....configs.common.models.adamixer_family import backbone, criterion, neck, queries, stage
+from .....configs.common.models.adamixer_family import backbone, criterion, neck, queries, stage, use_deqdet_decoder
 
-# DEQDet's (and its FFNDet's) changes to AdaMixer's pieces: 3x3 conv + ReLU neck, 64 points
-neck.kernel_size = 3
-neck.activation = "relu"
-stage.in_points = 64
+use_deqdet_decoder(neck, stage)  # 3x3 conv + ReLU neck, 64 sampling points
 
 model = L(RNNDet)(
     backbone=backbone,
