@@ -2,9 +2,10 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 # The CUDA kernels are compiled whenever nvcc is found, so they cannot rot unnoticed
-# on machines without a GPU; D2DETR_WITH_CUDA=0 skips them.
+# on machines without a GPU; D2DETR_WITH_CUDA=0 skips them. TORCH_CUDA_ARCH_LIST,
+# when set, is passed on; unset, setup.py builds for the visible GPU (with PTX), or
+# without one for 7.5;8.0;9.0+PTX.
 export CUDA_HOME ?= /usr/local/cuda
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 CSRC    := $(wildcard d2detr/layers/csrc/*.cpp d2detr/layers/csrc/*.h d2detr/layers/csrc/*.cu d2detr/layers/csrc/*.cuh)
 EXT_STAMP := build/.d2detr-ext-stamp
 PYTEST_ARGS ?=

@@ -8,7 +8,8 @@ even on machines without a GPU, so they cannot rot unnoticed.
 
 Environment:
     D2DETR_WITH_CUDA=1 / 0   force the CUDA kernels on / off
-    TORCH_CUDA_ARCH_LIST     GPU architectures (default "8.0;9.0")
+    TORCH_CUDA_ARCH_LIST     GPU architectures (default: the visible GPUs' with PTX,
+                             else "7.5;8.0;9.0+PTX"; see default_cuda_arch_list)
     CUDA_HOME                CUDA toolkit (default: /usr/local/cuda when present)
     MAX_JOBS                 parallel compile jobs (ninja)
 
@@ -17,7 +18,9 @@ Environment:
 """
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -95,6 +98,55 @@ def _with_cuda():
     return True
 
 
+def default_cuda_arch_list(gpu_capabilities, nvcc_archs=None):
+    """TORCH_CUDA_ARCH_LIST when none is given (pure: tests call it with made-up machines).
+
+    gpu_capabilities: (major, minor) of each visible GPU; nvcc_archs: the (major, minor)
+    nvcc compiles for (`nvcc --list-gpu-arch`), None when unknown. A cubin runs only on
+    its own major version (sm_80's on 8.x), PTX is JIT-compiled by the driver for any
+    newer GPU, so:
+      * with GPUs: their architectures (each clamped to the newest nvcc knows), PTX of
+        the newest;
+      * without: Volta 7.0 (only where nvcc still has it: CUDA 13 dropped it), Turing
+        7.5 (T4), Ampere 8.0 (also A10/L4/RTX 30-40), Hopper 9.0, and PTX of 9.0 so
+        that Blackwell and later run too.
+    """
+    def known(arch):
+        return nvcc_archs is None or arch in nvcc_archs
+
+    def clamp(cap):
+        if nvcc_archs is None or cap in nvcc_archs:
+            return cap
+        older = [a for a in nvcc_archs if a <= cap]
+        return max(older) if older else min(nvcc_archs)
+
+    if gpu_capabilities:
+        archs = sorted({clamp(tuple(c)) for c in gpu_capabilities})
+    else:
+        archs = [a for a in [(7, 0), (7, 5), (8, 0), (9, 0)] if known(a)]
+        if not archs:
+            archs = [max(nvcc_archs)]
+    names = [f"{major}.{minor}" for major, minor in archs]
+    names[-1] += "+PTX"
+    return ";".join(names)
+
+
+def _visible_gpu_capabilities():
+    try:
+        return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # no driver, or a broken one: build for the portable list
+        return []
+
+
+def _nvcc_archs(nvcc):
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    archs = {(int(n) // 10, int(n) % 10) for n in re.findall(r"compute_(\d+)", out)}
+    return sorted(archs) or None
+
+
 def get_extensions():
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "*.cu")))
@@ -113,7 +165,10 @@ def get_extensions():
         extra_link_args = []
     ext_cls = cpp_extension.CppExtension
     if _with_cuda() and cuda_sources:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arch_list(
+                _visible_gpu_capabilities(), _nvcc_archs(_find_nvcc()[1])
+            )
         ext_cls = cpp_extension.CUDAExtension
         sources = sources + cuda_sources
         define_macros.append(("WITH_CUDA", None))

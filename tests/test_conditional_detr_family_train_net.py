@@ -1,4 +1,4 @@
-"""Conditional DETR, DAB-DETR and DAB-Deformable-DETR through tools/train_net's ``main``:
+"""Conditional DETR, DAB-DETR, DAB-Deformable-DETR and DINO through tools/train_net's ``main``:
 their real 50-epoch configs (common data pipeline, optimizer param groups, schedule, clipping),
 shrunk to toy sizes, train two iterations on the toy datasets, checkpoint and run the COCO
 evaluation; then ``--eval-only`` from the checkpoint."""
@@ -33,11 +33,23 @@ model.transformer.two_stage = True
 for layer in (model.transformer.encoder.encoder_layer, model.transformer.decoder.decoder_layer):
     layer.update(embed_dim=64, ffn_dim=64)
 """,
+    "dino": """
+for f, c in zip(("res3", "res4", "res5"), (128, 256, 512)):
+    model.neck.input_shapes[f].channels = c
+model.neck.out_channels = model.embed_dim = model.transformer.embed_dim = model.transformer.decoder.embed_dim = 64
+model.transformer.decoder.norm.normalized_shape = model.denoising.embed_dim = 64
+model.position_embedding.num_pos_feats = 32
+model.transformer.encoder.num_layers = 1
+model.transformer.decoder.num_layers = 2
+for layer in (model.transformer.encoder.encoder_layer, model.transformer.decoder.decoder_layer):
+    layer.update(embed_dim=64, ffn_dim=64)
+""",
 }
 CONFIGS = {
     "conditional_detr": "projects/conditional_detr/configs/conditional_detr_r50_50ep.py",
     "dab_detr": "projects/dab_detr/configs/dab_detr_r50_50ep.py",
     "dab_deformable_detr": "projects/dab_deformable_detr/configs/dab_deformable_detr_r50_50ep.py",
+    "dino": "projects/dino/configs/dino_r50_4scale_12ep.py",
 }
 
 
@@ -88,6 +100,8 @@ def test_train_net_trains_evaluates_and_reloads(tmp_path, method):
     for r in train_rows:
         assert all(v == v and abs(v) != float("inf") for k, v in r.items() if k.startswith("loss"))
         assert {"loss_class", "loss_bbox", "loss_giou", "loss_class_0"} <= r.keys()
+        if method == "dino":
+            assert {"loss_class_dn", "loss_bbox_dn_0", "loss_class_enc"} <= r.keys()
     assert "bbox/AP" in rows[-1]
     ckpt = os.path.join(out, "model_final.pth")
     assert os.path.isfile(ckpt)

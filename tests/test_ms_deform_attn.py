@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 msda = importlib.import_module("d2detr.layers.ms_deform_attn")  # the package attribute is the function
 from d2detr.layers import MultiScaleDeformableAttention, ms_deform_attn, ms_deform_attn_reference
@@ -199,20 +200,16 @@ def _bad_inputs():
             (v, torch.tensor([[3, 4], [0, 4]]), i, l, w), ValueError, "spatial_shapes must be positive"),
         "device mismatch": ((v.to("meta"), s, i, l, w), ValueError, "one device"),
     }
-    native_only = {
-        "half on CPU": ((v.half(), s, i, l.half(), w.half()), TypeError, "float32 and float64 only"),
-        "mixed dtypes": ((v, s, i, l.double(), w), TypeError, "must have one dtype"),
-    }
-    return cases, native_only
+    return cases
 
 
-_CASES, _NATIVE_ONLY = _bad_inputs()
+_CASES = _bad_inputs()
 
 
 @needs_native
-@pytest.mark.parametrize("name", list(_CASES) + list(_NATIVE_ONLY))
+@pytest.mark.parametrize("name", list(_CASES))
 def test_native_errors(name):
-    args, exc, match = {**_CASES, **_NATIVE_ONLY}[name]
+    args, exc, match = _CASES[name]
     with pytest.raises(exc, match=match):
         torch.ops.d2detr.ms_deform_attn(*args)
     if args[0].device.type == "cpu":
@@ -235,8 +232,15 @@ def test_backward_grad_output_checked():
     v, s, i, l, w = make_inputs(1, 3, 2, 4, [(3, 4)], 2)
     with pytest.raises(ValueError, match="grad_output must be \\[N, Q, M \\* D\\]"):
         torch.ops.d2detr.ms_deform_attn_backward(v, s, i, l, w, torch.zeros(1, 3, 7, dtype=v.dtype))
-    with pytest.raises(TypeError, match="grad_output must have the dtype of value"):
-        torch.ops.d2detr.ms_deform_attn_backward(v, s, i, l, w, torch.zeros(1, 3, 8, dtype=torch.float32))
+    with pytest.raises(TypeError, match="grad_output must be a floating-point"):
+        torch.ops.d2detr.ms_deform_attn_backward(v, s, i, l, w, torch.zeros(1, 3, 8, dtype=torch.long))
+    # another floating dtype is converted to the computation dtype (value's, float64 here)
+    g = torch.randn(1, 3, 8, dtype=torch.float64).float()
+    got = torch.ops.d2detr.ms_deform_attn_backward(v, s, i, l, w, g)
+    expected = torch.ops.d2detr.ms_deform_attn_backward(v, s, i, l, w, g.double())
+    for a, b in zip(got, expected):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_fallback_warns_once_and_matches(monkeypatch):
@@ -335,18 +339,286 @@ def test_module_forward_matches_official_formula(box):
         m(query, torch.rand(2, 7, 3, 3), value, shapes, starts)
 
 
+class RecordOpDtypes(TorchDispatchMode):
+    """Records the dtypes (value, locations, weights) that reach the kernels of
+    d2detr::ms_deform_attn, i.e. after autograd and autocast (also used by
+    tests/test_ms_deform_attn_cuda.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.d2detr.ms_deform_attn.default:
+            self.calls.append((args[0].dtype, args[3].dtype, args[4].dtype))
+        return func(*args, **(kwargs or {}))
+
+
 @needs_native
-def test_module_autocast_cpu_bfloat16():
-    m = _module()
-    inputs = _module_inputs()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = m(*inputs)
-    assert out.dtype == torch.bfloat16  # output_proj runs in bfloat16; the op itself in float32
-    torch.testing.assert_close(out.float(), m(*inputs), rtol=0.05, atol=0.05)
+def test_autocast_keeps_value_dtype_and_casts_locations_weights_to_float32():
     value, shapes, starts, loc, weights = make_inputs(1, 3, 2, 8, [(3, 4)], 2, torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = ms_deform_attn(value.bfloat16(), shapes, starts, loc.bfloat16(), weights)
-    assert out.dtype == torch.float32
+    bf = torch.bfloat16
+    for v, expected in ((value.to(bf), (bf, torch.float32, torch.float32)), (value, (torch.float32,) * 3)):
+        with torch.autocast("cpu", dtype=bf), RecordOpDtypes() as rec:
+            out = ms_deform_attn(v, shapes, starts, loc.to(bf), weights.to(bf))
+        assert rec.calls == [expected]
+        assert out.dtype == v.dtype
+        # = the op outside autocast on the same (bfloat16-valued) inputs with float32 locations / weights
+        torch.testing.assert_close(out, ms_deform_attn(v, shapes, starts, loc.to(bf).float(), weights.to(bf).float()),
+                                   rtol=0, atol=0)
+
+
+@needs_native
+@pytest.mark.parametrize("compute_in_float32", [False, True])
+def test_module_autocast_cpu_bfloat16(compute_in_float32):
+    m = _module()
+    m.compute_in_float32 = compute_in_float32
+    inputs = _module_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16), RecordOpDtypes() as rec:
+        out = m(*inputs)
+    assert out.dtype == torch.bfloat16  # output_proj runs in bfloat16
+    # value comes out of value_proj in bfloat16 and stays so, unless the float32 policy is on
+    value_dtype = torch.float32 if compute_in_float32 else torch.bfloat16
+    assert rec.calls == [(value_dtype, torch.float32, torch.float32)]
+    torch.testing.assert_close(out.float(), m(*inputs), rtol=0.05, atol=0.05)
+
+
+def test_compute_in_float32_default_and_repr():
+    assert MultiScaleDeformableAttention(32, 4, 1, 1).compute_in_float32 is False
+    try:
+        msda.set_compute_in_float32_default(True)
+        m = MultiScaleDeformableAttention(32, 4, 1, 1)
+        assert m.compute_in_float32 is True and "compute_in_float32=True" in repr(m)
+        assert MultiScaleDeformableAttention(32, 4, 1, 1, compute_in_float32=False).compute_in_float32 is False
+    finally:
+        msda.set_compute_in_float32_default(False)
+
+
+# --------------------------------------------------------------------------- #
+# Mixed dtypes: accepted alike by the kernels, the Meta kernel and the reference #
+# --------------------------------------------------------------------------- #
+MIXED = [  # value, sampling_locations, attention_weights
+    (torch.float16, torch.float16, torch.float16),  # model.half() without autocast
+    (torch.bfloat16, torch.float32, torch.bfloat16),
+    (torch.float32, torch.float64, torch.float16),
+    (torch.float64, torch.float32, torch.float32),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("dtypes", MIXED, ids=lambda d: "-".join(str(t).split(".")[1] for t in d))
+def test_mixed_dtypes_follow_one_policy(dtypes):
+    """Output in value's dtype, each gradient in its input's dtype, numbers those of
+    the computation dtype (float64 for a float64 value, else float32); the Meta
+    kernel agrees (opcheck runs it on FakeTensors and compares with the CPU kernel)."""
+    vt, lt, wt = dtypes
+    value, shapes, starts, loc, weights = make_inputs(1, 5, 2, 8, [(4, 4), (2, 2)], 2)
+    # pixel coordinates >= 0.1 px from an integer: float32 and float64 see the same
+    # bilinear cell (the location gradient jumps between cells)
+    wh = torch.tensor([[4.0, 4.0], [2.0, 2.0]], dtype=torch.float64)[:, None, :]  # [L, 1, (W, H)]
+    pix = loc * wh - 0.5
+    loc = (pix.floor() + 0.1 + 0.8 * pix.frac().abs() + 0.5) / wh
+    value, loc, weights = value.to(vt), loc.to(lt), weights.to(wt)
+    out, gv, gl, gw = grads(ms_deform_attn, value, shapes, starts, loc, weights)
+    assert (out.dtype, gv.dtype, gl.dtype, gw.dtype) == (vt, vt, lt, wt)
+    ct = torch.float64 if vt == torch.float64 else torch.float32
+    # (cast to value's dtype so that `grads` rounds the output gradient as for the op)
+    ref = grads(lambda *a: ms_deform_attn_reference(*a).to(vt), value.to(ct), shapes, starts, loc.to(ct),
+                weights.to(ct))
+    # allowed: the computation dtype's rounding, then one rounding to the result dtype
+    eps = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+    for a, b in zip((out, gv, gl, gw), ref):
+        assert_close_rel(a.double(), b.double(), max(eps[a.dtype], eps[ct]))
+    # the fallback applies the same policy
+    for a, b in zip(grads(ms_deform_attn_reference, value, shapes, starts, loc, weights), (out, gv, gl, gw)):
+        assert a.dtype == b.dtype
+        assert_close_rel(a.double(), b.double(), max(eps[a.dtype], eps[ct]))
+    args = (value.requires_grad_(), shapes, starts, loc.requires_grad_(), weights.requires_grad_())
+    torch.library.opcheck(torch.ops.d2detr.ms_deform_attn.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    g = torch.randn(1, 5, 16).to(vt)
+    torch.library.opcheck(torch.ops.d2detr.ms_deform_attn_backward.default,
+                          tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args) + (g,),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_native
+def test_half_module_exports_and_compiles():
+    """model.half() without autocast: float16 locations reach the op; torch.export and
+    torch.compile trace it (Meta kernel) and the traced program runs (CPU kernel)."""
+    m = _module().half()
+    query, ref, value, shapes, starts = _module_inputs()
+    inputs = (query.half(), ref.half(), value.half(), shapes, starts)
+    with RecordOpDtypes() as rec:
+        eager = m(*inputs)
+    assert rec.calls == [(torch.float16,) * 3] and eager.dtype == torch.float16
+    torch.testing.assert_close(eager.float(), _module()(query, ref, value, shapes, starts), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(torch.export.export(m, inputs).module()(*inputs), eager)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(m, fullgraph=True, backend="aot_eager")(*inputs), eager)
+
+
+# --------------------------------------------------------------------------- #
+# Borders of the sampling support: the location gradient at pixel -1            #
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize(
+    "device,dtype",
+    [("cpu", torch.float64), ("cpu", torch.float32),
+     pytest.param("cuda", torch.float32, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))],
+)
+def test_location_gradient_at_pixel_minus_one(device, dtype):
+    """At pixel x = -1 (or y = -1) the output is 0 (the in-map corner has weight 0)
+    but, as in grid_sample, d/dx is not: a * W * <g, hy v[y0, 0] + ly v[y0+1, 0]>.
+    A support test of x > -1 instead of x >= -1 loses it. Power-of-two levels keep
+    every coordinate exact."""
+    if device == "cuda":
+        assert native_ms_deform_attn_available("cuda"), "d2detr._C was built without CUDA kernels"
+    elif not NATIVE:
+        pytest.skip("d2detr._C not built")
+    H, W = 4, 8
+    shapes, starts = torch.tensor([[H, W]]), torch.tensor([0])
+    g = torch.Generator().manual_seed(0)
+    D = 5
+    value = torch.randn(1, H * W, 1, D, generator=g, dtype=torch.float64)
+    # (pixel x, pixel y): left border, top border, the corner, and two just outside
+    px = torch.tensor([-1.0, 2.75, -1.0, -1.0 - 2**-10, 3.5], dtype=torch.float64)
+    py = torch.tensor([1.25, -1.0, -1.0, 2.0, -1.0 - 2**-10], dtype=torch.float64)
+    Q = len(px)
+    loc = torch.stack([(px + 0.5) / W, (py + 0.5) / H], -1).view(1, Q, 1, 1, 1, 2)
+    attn = torch.tensor([0.5, 0.25, 2.0, 1.0, 1.0], dtype=torch.float64).view(1, Q, 1, 1, 1)
+    go = torch.randn(1, Q, D, generator=g, dtype=torch.float64)
+
+    v = value.view(H, W, D)
+    expected = torch.zeros(Q, 2, dtype=torch.float64)
+    # x = -1, y = 1.25: only the x = 0 column is in the map, weights hy = 0.75, ly = 0.25
+    expected[0, 0] = attn[0, 0].item() * W * (go[0, 0] @ (0.75 * v[1, 0] + 0.25 * v[2, 0]))
+    # y = -1, x = 2.75: only the y = 0 row, weights hx = 0.25, lx = 0.75
+    expected[1, 1] = attn[0, 1].item() * H * (go[0, 1] @ (0.25 * v[0, 2] + 0.75 * v[0, 3]))
+    # the corner (-1, -1) and points just outside: no gradient
+
+    args = [t.to(device, dtype, copy=True) for t in (value, loc, attn)]
+    for t in args:
+        t.requires_grad_()
+    out = torch.ops.d2detr.ms_deform_attn(args[0], shapes.to(device), starts.to(device), args[1], args[2])
+    out.backward(go.to(device, dtype))
+    assert bool((out == 0).all())
+    got = args[1].grad.view(Q, 2).double().cpu()
+    assert got[0, 0] != 0 and got[1, 1] != 0
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    # grid_sample agrees
+    lr = loc.clone().requires_grad_()
+    ms_deform_attn_reference(value, shapes, starts, lr, attn).backward(go)
+    torch.testing.assert_close(lr.grad.view(Q, 2), expected, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- #
+# Determinism, fallback on a missing CUDA kernel image                         #
+# --------------------------------------------------------------------------- #
+@needs_native
+def test_cpu_backward_is_deterministic_without_alert():
+    """The CPU backward owns its grad_value slices (no atomics): allowed under
+    torch.use_deterministic_algorithms(True) and bitwise reproducible. (The CUDA
+    backward raises the alert: tests/test_ms_deform_attn_cuda.py.)"""
+    inputs = make_inputs(1, 64, 2, 16, [(8, 6), (4, 3)], 4, torch.float32)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            first = grads(ms_deform_attn, *inputs)
+            second = grads(ms_deform_attn, *inputs)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_fallback_when_no_cuda_kernel_image(monkeypatch):
+    """A library built for other GPUs raises NotImplementedError ("... has no CUDA
+    kernel image for this GPU ...", ms_deform_attn_cuda.cu) at the first launch:
+    ms_deform_attn warns once, remembers the device and runs the reference. Emulated
+    on the CPU by a native op that raises that error; other errors pass through."""
+    calls = []
+
+    def no_image(*args):
+        calls.append(1)
+        raise NotImplementedError(
+            "ms_deform_attn: d2detr._C has no CUDA kernel image for this GPU (compute capability 7.5, "
+            "no kernel image is available for execution on the device); rebuild it with TORCH_CUDA_ARCH_LIST=\"7.5\""
+        )
+
+    monkeypatch.setattr(msda, "_native_op", no_image)
+    monkeypatch.setattr(msda, "_NATIVE", True)
+    monkeypatch.setattr(msda, "_WARNED", False)
+    monkeypatch.setattr(msda, "_NO_KERNEL_IMAGE", set())
+    inputs = make_inputs(1, 4, 2, 4, [(3, 4), (2, 2)], 2)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out1 = msda.ms_deform_attn(*inputs)
+        out2 = msda.ms_deform_attn(*inputs)
+    msgs = [str(r.message) for r in rec if "native ms_deform_attn unavailable" in str(r.message)]
+    assert len(msgs) == 1 and "TORCH_CUDA_ARCH_LIST" in msgs[0]
+    assert len(calls) == 1 and msda._NO_KERNEL_IMAGE == {"cpu"}
+    torch.testing.assert_close(out1, ms_deform_attn_reference(*inputs), rtol=0, atol=0)
+    torch.testing.assert_close(out2, out1, rtol=0, atol=0)
+
+    def other_error(*args):
+        raise NotImplementedError("something else")
+
+    monkeypatch.setattr(msda, "_native_op", other_error)
+    monkeypatch.setattr(msda, "_NO_KERNEL_IMAGE", set())
+    with pytest.raises(NotImplementedError, match="something else"):
+        msda.ms_deform_attn(*inputs)
+
+
+# --------------------------------------------------------------------------- #
+# setup.py: default CUDA architectures                                         #
+# --------------------------------------------------------------------------- #
+def _setup_function(name):
+    """A function of setup.py, compiled on its own (importing setup.py would run setup())."""
+    import ast
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    ns = {}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), path, "exec"), ns)
+    return ns[name]
+
+
+NVCC_13 = [(7, 5), (8, 0), (8, 6), (8, 7), (8, 8), (8, 9), (9, 0), (10, 0), (10, 3), (11, 0), (12, 0), (12, 1)]
+NVCC_12_4 = [(5, 0), (5, 2), (5, 3), (6, 0), (6, 1), (6, 2), (7, 0), (7, 2), (7, 5), (8, 0), (8, 6), (8, 7), (8, 9),
+             (9, 0)]
+
+
+@pytest.mark.parametrize(
+    "gpus,nvcc,expected",
+    [
+        ([], NVCC_13, "7.5;8.0;9.0+PTX"),  # no GPU, CUDA 13 (no Volta): T4, A100 (+8.x), H100, PTX for Blackwell
+        ([], NVCC_12_4, "7.0;7.5;8.0;9.0+PTX"),  # CUDA 12 still has V100
+        ([], None, "7.0;7.5;8.0;9.0+PTX"),
+        ([(9, 0)], NVCC_13, "9.0+PTX"),  # H100 / H200
+        ([(8, 6), (7, 5), (8, 6)], NVCC_13, "7.5;8.6+PTX"),
+        ([(12, 0)], NVCC_12_4, "9.0+PTX"),  # a GPU newer than nvcc: the newest nvcc has, as PTX
+        ([(7, 0)], NVCC_13, "7.5+PTX"),  # V100 with CUDA 13: nothing runs natively, said by the launch error
+    ],
+)
+def test_default_cuda_arch_list(gpus, nvcc, expected):
+    assert _setup_function("default_cuda_arch_list")(gpus, nvcc) == expected
+
+
+def test_default_cuda_arch_list_is_understood_by_torch(monkeypatch):
+    """torch turns the default into -gencode flags with SASS for each architecture
+    and PTX (code=compute_90) for the newest."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", _setup_function("default_cuda_arch_list")([], NVCC_13))
+    flags = cpp_extension._get_cuda_arch_flags()
+    for sm in ("75", "80", "90"):
+        assert f"-gencode=arch=compute_{sm},code=sm_{sm}" in flags
+    assert "-gencode=arch=compute_90,code=compute_90" in flags
 
 
 # --------------------------------------------------------------------------- #

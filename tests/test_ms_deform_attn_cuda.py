@@ -1,14 +1,21 @@
 """CUDA kernels of d2detr::ms_deform_attn against the grid_sample reference.
 
-Ground truth is ``ms_deform_attn_reference`` run in float64 on the CPU on the
-*same* (already rounded) inputs, so the only differences allowed are the
-kernel's own roundings: float32 accumulation and the final cast to float16 /
-bfloat16. Skipped without a GPU.
+Ground truth is ``ms_deform_attn_reference`` run in float64 (on the CPU, or on
+the GPU for the large cases) on the *same* (already rounded) inputs, so the only
+differences allowed are the kernel's own roundings: float32 accumulation and the
+final cast to float16 / bfloat16. Skipped without a GPU. The location gradient at
+pixel -1 is tested in tests/test_ms_deform_attn.py (CPU and CUDA alike);
+scripts/device_check.sh runs this file, `-m slow` and compute-sanitizer included.
 """
+import warnings
+
 import pytest
 import torch
 
+from test_ms_deform_attn import RecordOpDtypes  # tests/ is on sys.path (pytest)
+
 from d2detr.layers.ms_deform_attn import (
+    MultiScaleDeformableAttention,
     ms_deform_attn,
     ms_deform_attn_reference,
     native_ms_deform_attn_available,
@@ -59,14 +66,15 @@ def to_cuda(*ts):
     return [t.cuda() for t in ts]
 
 
-def reference(value, shapes, starts, loc, attn, grad_output=None):
-    """float64 CPU reference; with grad_output also its gradients."""
-    v, l, a = (t.detach().cpu().double().requires_grad_(grad_output is not None) for t in (value, loc, attn))
-    out = ms_deform_attn_reference(v, shapes.cpu(), starts.cpu(), l, a)
+def reference(value, shapes, starts, loc, attn, grad_output=None, device="cpu"):
+    """float64 reference (results on the CPU); with grad_output also its gradients."""
+    v, l, a = (t.detach().to(device, torch.float64).requires_grad_(grad_output is not None)
+               for t in (value, loc, attn))
+    out = ms_deform_attn_reference(v, shapes.to(device), starts.to(device), l, a)
     if grad_output is None:
-        return out.detach()
-    out.backward(grad_output.detach().cpu().double())
-    return out.detach(), v.grad, l.grad, a.grad
+        return out.detach().cpu()
+    out.backward(grad_output.detach().to(device, torch.float64))
+    return tuple(t.detach().cpu() for t in (out, v.grad, l.grad, a.grad))
 
 
 def assert_close(actual, expected, name, tol=None):
@@ -79,6 +87,14 @@ def assert_close(actual, expected, name, tol=None):
     scale = max(expected.abs().max().item(), 1e-3)
     err = (a - expected).abs().max().item()
     assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:.1g} * {scale:.3g} ({actual.dtype})"
+
+
+RESULTS = ("out", "grad_value", "grad_sampling_locations", "grad_attention_weights")
+
+
+def assert_all_close(actual, expected, names=RESULTS):
+    for name, a, b in zip(names, actual, expected):
+        assert_close(a, b, name)
 
 
 # --------------------------------------------------------------------------- #
@@ -161,10 +177,7 @@ def test_backward_matches_reference(dtype, D):
     out, gv, gl, ga = run_backward(value, shapes, starts, loc, attn, go)
     r_out, r_gv, r_gl, r_ga = reference(value, shapes, starts, loc, attn, go)
     assert (gv.dtype, gl.dtype, ga.dtype) == (dtype, torch.float32, dtype)
-    assert_close(out, r_out, "out")
-    assert_close(gv, r_gv, "grad_value")
-    assert_close(gl, r_gl, "grad_sampling_locations")
-    assert_close(ga, r_ga, "grad_attention_weights")
+    assert_all_close((out, gv, gl, ga), (r_out, r_gv, r_gl, r_ga))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -174,9 +187,7 @@ def test_backward_float32_weights(dtype):
     _, gv, gl, ga = run_backward(value, shapes, starts, loc, attn, go)
     _, r_gv, r_gl, r_ga = reference(value, shapes, starts, loc, attn, go)
     assert (gv.dtype, gl.dtype, ga.dtype) == (dtype, torch.float32, torch.float32)
-    assert_close(gv, r_gv, "grad_value")
-    assert_close(gl, r_gl, "grad_sampling_locations")
-    assert_close(ga, r_ga, "grad_attention_weights")
+    assert_all_close((gv, gl, ga), (r_gv, r_gl, r_ga), RESULTS[1:])
 
 
 @pytest.mark.parametrize("dtype,D", [(torch.float32, 256), (torch.float16, 520)])
@@ -188,9 +199,7 @@ def test_backward_op_direct_and_heavy_atomics(dtype, D):
     go = torch.randn(2, 300, 2 * D, generator=torch.Generator().manual_seed(7)).to(dtype)
     gv, gl, ga = torch.ops.d2detr.ms_deform_attn_backward(*to_cuda(value, shapes, starts, loc, attn, go))
     _, r_gv, r_gl, r_ga = reference(value, shapes, starts, loc, attn, go)
-    assert_close(gv, r_gv, "grad_value")
-    assert_close(gl, r_gl, "grad_sampling_locations")
-    assert_close(ga, r_ga, "grad_attention_weights")
+    assert_all_close((gv, gl, ga), (r_gv, r_gl, r_ga), RESULTS[1:])
 
 
 def test_gradcheck_float64():
@@ -222,15 +231,96 @@ def test_empty(N, Q, D, P):
     torch.cuda.synchronize()
 
 
-def test_dtype_policy():
+MIXED = [  # value, sampling_locations, attention_weights
+    (torch.float16, torch.float16, torch.float16),  # model.half() without autocast
+    (torch.bfloat16, torch.bfloat16, torch.float16),
+    (torch.float32, torch.float64, torch.bfloat16),
+    (torch.float64, torch.float32, torch.float16),
+]
+
+
+@pytest.mark.parametrize("dtypes", MIXED, ids=lambda d: "-".join(str(t).split(".")[1] for t in d))
+def test_mixed_dtypes(dtypes):
+    """Any floating dtypes: locations are read as float32 (float64 with a float64
+    value), weights in value's dtype or float32; output in value's dtype, each
+    gradient in its input's; the Meta kernel agrees (opcheck's FakeTensor test)."""
+    vt, lt, wt = dtypes
+    value, shapes, starts, loc, attn = make_inputs(2, 9, 2, 16, LEVELS, 3, safe=True)
+    value, attn = value.to(vt), attn.to(wt)
+    loc_k = loc.to(lt).to(torch.float64 if vt == torch.float64 else torch.float32)  # what the kernel reads
+    go = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(7)).to(vt)
+    out, gv, gl, ga = run_backward(value, shapes, starts, loc.to(lt), attn, go)
+    assert (out.dtype, gv.dtype, gl.dtype, ga.dtype) == (vt, vt, lt, wt)
+    r_out, r_gv, r_gl, r_ga = reference(value, shapes, starts, loc_k, attn, go)
+    lowest = max((vt, lt, wt), key=lambda t: TOL[t])
+    for name, a, b in (("out", out, r_out), ("grad_value", gv, r_gv), ("grad_sampling_locations", gl, r_gl),
+                       ("grad_attention_weights", ga, r_ga)):
+        assert_close(a, b, name, tol=max(TOL[a.dtype], TOL[lowest] if name == "out" else TOL[vt]))
+    args = [t.cuda() for t in (value, shapes, starts, loc.to(lt), attn)]
+    for i in (0, 3, 4):
+        args[i].requires_grad_()
+    torch.library.opcheck(torch.ops.d2detr.ms_deform_attn.default, tuple(args),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(torch.ops.d2detr.ms_deform_attn_backward.default,
+                          tuple(a.detach() for a in args) + (go.cuda(),), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_device_mismatch_rejected():
     value, shapes, starts, loc, attn = make_inputs(1, 4, 2, 8, LEVELS, 2, torch.float16)
     v, s, st, l, a = to_cuda(value, shapes, starts, loc, attn)
-    with pytest.raises(TypeError, match="float32"):  # locations are kept in float32
-        torch.ops.d2detr.ms_deform_attn(v, s, st, l.half(), a)
-    with pytest.raises(TypeError):  # weights: value dtype or float32 only
-        torch.ops.d2detr.ms_deform_attn(v, s, st, l, a.bfloat16())
-    with pytest.raises(ValueError):  # one device for every input
+    with pytest.raises(ValueError, match="one device"):
         torch.ops.d2detr.ms_deform_attn(v, shapes, st, l, a)
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("compute_in_float32", [False, True])
+def test_module_under_autocast(amp_dtype, compute_in_float32):
+    """Under CUDA autocast value stays in the autocast dtype (the float16 / bfloat16
+    kernels run), locations and weights go to float32; compute_in_float32=True runs
+    the op in float32 instead. Either way close to the float32 module."""
+    torch.manual_seed(0)
+    m = MultiScaleDeformableAttention(64, 4, 2, 2, compute_in_float32=compute_in_float32).cuda()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    levels = torch.tensor([[16, 12], [8, 6]], device="cuda")
+    starts = torch.tensor([0, 192], device="cuda")
+    query = torch.randn(2, 30, 64, device="cuda")
+    ref_pts = torch.rand(2, 30, 2, 2, device="cuda")
+    value = torch.randn(2, 240, 64, device="cuda", requires_grad=True)
+    expected = m(query, ref_pts, value, levels, starts)
+    (g_expected,) = torch.autograd.grad(expected.square().sum(), value)
+    with torch.autocast("cuda", dtype=amp_dtype), RecordOpDtypes() as rec:
+        out = m(query, ref_pts, value, levels, starts)
+    assert rec.calls == [((torch.float32 if compute_in_float32 else amp_dtype), torch.float32, torch.float32)]
+    assert out.dtype == amp_dtype
+    (g,) = torch.autograd.grad(out.float().square().sum(), value)
+    tol = 2e-2 if amp_dtype == torch.float16 else 6e-2
+    assert_close(out, expected.detach().double().cpu(), "out", tol=tol)
+    assert_close(g, g_expected.double().cpu(), "grad_value", tol=tol)
+
+
+def test_backward_alerts_under_deterministic_algorithms():
+    """grad_value is summed with atomics: like grid_sample's CUDA backward, the op
+    calls PyTorch's non-determinism alert (an error, or a warning with warn_only)."""
+    value, shapes, starts, loc, attn = make_inputs(1, 5, 2, 8, LEVELS, 2)
+    go = torch.ones(1, 5, 16, device="cuda")
+    args = to_cuda(value, shapes, starts, loc, attn)
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only_before = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        torch.ops.d2detr.ms_deform_attn(*args)  # the forward is deterministic
+        with pytest.raises(RuntimeError, match="ms_deform_attn_backward_cuda does not have a deterministic"):
+            torch.ops.d2detr.ms_deform_attn_backward(*args, go)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="ms_deform_attn_backward_cuda does not have a deterministic"):
+            torch.ops.d2detr.ms_deform_attn_backward(*args, go)
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only_before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.ops.d2detr.ms_deform_attn_backward(*args, go)
 
 
 def test_inconsistent_levels_read_no_out_of_bounds():
@@ -246,16 +336,64 @@ def test_inconsistent_levels_read_no_out_of_bounds():
     assert bool((out == 0).all()) and bool((gv == 0).all()) and bool((gl == 0).all())
 
 
-def test_runs_on_current_stream():
-    value, shapes, starts, loc, attn = make_inputs(2, 50, 4, 32, LEVELS, 4)
-    inputs = to_cuda(value, shapes, starts, loc, attn)
-    expected = torch.ops.d2detr.ms_deform_attn(*inputs)
+def test_runs_on_current_stream_cuda_graph():
+    """Captured in a CUDA graph (on torch's capture stream) and replayed on new data.
+    A launch on any other stream fails the capture (legacy default stream) or is
+    missing from the replay (any other), and a host sync fails the capture."""
+    value, shapes, starts, loc, attn = make_inputs(2, 50, 4, 32, LEVELS, 4, safe=True)
+    go = torch.randn(2, 50, 128, generator=torch.Generator().manual_seed(7))
+    static = to_cuda(value, shapes, starts, loc, attn, go)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        out = torch.ops.d2detr.ms_deform_attn(*inputs)
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph asks
+        torch.ops.d2detr.ms_deform_attn(*static[:5])
+        torch.ops.d2detr.ms_deform_attn_backward(*static)
     torch.cuda.current_stream().wait_stream(side)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.d2detr.ms_deform_attn(*static[:5])
+        gv, gl, ga = torch.ops.d2detr.ms_deform_attn_backward(*static)
+    new = make_inputs(2, 50, 4, 32, LEVELS, 4, safe=True, seed=5)
+    new_go = torch.randn(2, 50, 128, generator=torch.Generator().manual_seed(8))
+    for dst, src in zip(static, (*new, new_go)):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    r_out, r_gv, r_gl, r_ga = reference(*new, new_go)
+    assert_all_close((out, gv, gl, ga), (r_out, r_gv, r_gl, r_ga))
+
+
+def test_grid_stride_loops_more_than_once():
+    """More (n, q, m, chunk) items than the grid has threads (grid_for caps it at 8
+    waves of resident blocks), so every thread of both kernels loops several times."""
+    props = torch.cuda.get_device_properties(0)
+    grid_threads = props.multi_processor_count * (props.max_threads_per_multi_processor // 256) * 8 * 256
+    N, M, D, P, levels = 2, 8, 32, 2, [(24, 20), (12, 10)]
+    threads_per_query = M * 8  # forward: D / 4 float32 chunks; backward: G = 8 lanes per (n, q, m)
+    Q = max(20000, -(-3 * grid_threads // (N * threads_per_query)))
+    assert N * Q * threads_per_query > 2 * grid_threads
+    value, shapes, starts, loc, attn = make_inputs(N, Q, M, D, levels, P, safe=True, seed=11)
+    go = torch.randn(N, Q, M * D, generator=torch.Generator().manual_seed(12))
+    out, gv, gl, ga = run_backward(value, shapes, starts, loc, attn, go)
+    r_out, r_gv, r_gl, r_ga = reference(value, shapes, starts, loc, attn, go, device="cuda")
+    assert_all_close((out, gv, gl, ga), (r_out, r_gv, r_gl, r_ga))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_non_contiguous_and_misaligned_grad_output(dtype):
+    """The backward op on non-contiguous locations / weights and a grad_output one
+    element past a 16-byte boundary (the vectorised path must not be taken)."""
+    value, shapes, starts, loc, attn = make_inputs(2, 11, 3, 16, LEVELS, 3, dtype, safe=True)
+    go = torch.randn(2, 11, 48, generator=torch.Generator().manual_seed(7)).to(dtype)
+    v, s, st, l, a, g = to_cuda(value, shapes, starts, loc, attn, go)
+    l_nc = torch.cat([l, l], dim=-1)[..., :2]
+    a_nc = a.transpose(1, 2).contiguous().transpose(1, 2)
+    buf = torch.empty(g.numel() + 1, device="cuda", dtype=dtype)
+    g_mis = buf[1:].view_as(g).copy_(g)
+    assert not (l_nc.is_contiguous() or a_nc.is_contiguous()) and g_mis.data_ptr() % 16 != 0
+    gv, gl, ga = torch.ops.d2detr.ms_deform_attn_backward(v, s, st, l_nc, a_nc, g_mis)
+    _, r_gv, r_gl, r_ga = reference(value, shapes, starts, loc, attn, go)
+    assert_all_close((gv, gl, ga), (r_gv, r_gl, r_ga), RESULTS[1:])
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -125,7 +125,7 @@ def test_recorded_sampling_reproduces_module_output(tmp_path):
             torch.testing.assert_close(w.sum((-1, -2)), torch.ones_like(w.sum((-1, -2))))
 
 
-@pytest.mark.parametrize("method", ["deformable_detr", "dab_deformable_detr", "detr", "conditional_detr", "dab_detr"])
+@pytest.mark.parametrize("method", ["deformable_detr", "dab_deformable_detr", "dino", "detr", "conditional_detr", "dab_detr"])
 def test_visualize_attention(tmp_path, method):
     if "deformable" in method and not native_ms_deform_attn_available("cpu"):
         pytest.skip("d2detr._C not built")

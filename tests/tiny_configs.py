@@ -98,6 +98,11 @@ TINY_METHODS = {
         _SMALL_MULTI_SCALE,
     ),
     "deformable_detr": ("projects/deformable_detr/configs/models/deformable_detr_mobilenetv2.py", _SMALL_DEFORMABLE),
+    "dino": (
+        "projects/dino/configs/models/dino_r50_4scale.py",
+        _SMALL_MULTI_SCALE + "model.transformer.decoder.norm.normalized_shape = 64\nmodel.denoising.embed_dim = 64\n",
+    ),
+    "sd_detr": ("projects/sd_detr/configs/models/sd_detr_r50.py", _MOBILENET_RES5 + _SMALL_DETR_TRANSFORMER),
     "deformable_detr_refine": (
         "projects/deformable_detr/configs/models/deformable_detr_mobilenetv2.py",
         _SMALL_DEFORMABLE + "model.with_box_refine = True\n",

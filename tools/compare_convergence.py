@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convergence of five DETR-family methods on real data: COCO AP on ``neon_trees_val``
+"""Convergence of the DETR-family methods on real data: COCO AP on ``neon_trees_val``
 against training iterations, all methods in one figure.
 
     # the committed figure (docs/convergence_neon_trees.png, docs/convergence.md), ~45 min:
@@ -14,11 +14,12 @@ against training iterations, all methods in one figure.
 Each method trains its config ``configs/neon_trees/<method>_mobilenetv2.py`` through
 ``d2detr.engine.do_train`` (the loop behind ``tools/train_net.py``) with Detectron2's
 ``COCOEvaluator`` on ``neon_trees_val`` every ``--eval-period`` iterations and after the
-last one. The five configs share everything but the model (``configs/neon_trees/common.py``):
+last one. The configs share everything but the model (``configs/neon_trees/common.py``):
 the ImageNet MobileNetV2 backbone (offline weights), d_model 128, 2+2 layers, FFN 512,
 100 queries, input sizes, batch 2, AdamW lr 2e-4 with the methods' own lr factors, the LR
 schedule (warmup, x0.1 at 80 %), gradient clipping and the seed; the data loader runs in
 the main process so every method sees the same images, flips and sizes in the same order.
+Rows of one method's ablation share its config and differ by ``METHOD_OVERRIDES`` (SD-DETR).
 
 Methods run one after the other in this process. The curves go to ``--json`` after each
 method (and the figure is redrawn), so an interrupted comparison keeps what finished;
@@ -44,9 +45,23 @@ METHODS = {
     "dab_detr": ("configs/neon_trees/dab_detr_mobilenetv2.py", "DAB-DETR"),
     "deformable_detr": ("configs/neon_trees/deformable_detr_mobilenetv2.py", "Deformable DETR"),
     "dab_deformable_detr": ("configs/neon_trees/dab_deformable_detr_mobilenetv2.py", "DAB-Deformable-DETR"),
+    "dino": ("configs/neon_trees/dino_mobilenetv2.py", "DINO"),
+    # SD-DETR's ablation (paper Table 2), row by row: one config, the rows differ by METHOD_OVERRIDES
+    "sd_detr_baseline": ("configs/neon_trees/sd_detr_mobilenetv2.py", "SD-DETR baseline (Cond. DETR + mini-detector)"),
+    "sd_detr_dfl": ("configs/neon_trees/sd_detr_mobilenetv2.py", "+ decoupled feature learning"),
+    "sd_detr_taq": ("configs/neon_trees/sd_detr_mobilenetv2.py", "+ task-aware queries"),
+    "sd_detr": ("configs/neon_trees/sd_detr_mobilenetv2.py", "SD-DETR (+ alignment loss)"),
     "adamixer": ("configs/neon_trees/adamixer_mobilenetv2.py", "AdaMixer"),
     "rnndet": ("configs/neon_trees/rnndet_mobilenetv2.py", "RNNDet"),
     "deqdet": ("configs/neon_trees/deqdet_mobilenetv2.py", "DEQDet"),
+}
+#: Method name -> config overrides applied before the command line's (methods that share a config).
+_NO_TAQ = "model.transformer.task_aware_queries=False"
+_NO_ALIGN = "model.criterion.alignment_loss=False"
+METHOD_OVERRIDES = {
+    "sd_detr_baseline": ["model.transformer.decoupling=none", _NO_TAQ, _NO_ALIGN],
+    "sd_detr_dfl": [_NO_TAQ, _NO_ALIGN],
+    "sd_detr_taq": [_NO_ALIGN],
 }
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 #: Settings that must match for a method's stored curve to be reused instead of retrained.
@@ -112,7 +127,7 @@ def train_one(method: str, args) -> Dict:
         f"train.output_dir={out_dir}",
         "train.device=cpu",
         f"train.checkpointer.period={args.max_iter + 1}",  # curves only: no intermediate checkpoints
-    ] + list(args.opts)
+    ] + METHOD_OVERRIDES.get(method, []) + list(args.opts)
     cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), opts)
     os.makedirs(out_dir, exist_ok=True)
     LazyConfig.save(cfg, os.path.join(out_dir, "config.yaml"))
@@ -147,6 +162,7 @@ def train_one(method: str, args) -> Dict:
     return {
         "label": METHODS[method][1],
         "config": METHODS[method][0],
+        "overrides": METHOD_OVERRIDES.get(method, []),
         "iterations": iterations,
         **curve,
         "final_loss": float(storage.history("total_loss").latest()) if "total_loss" in storage.histories() else None,
@@ -209,7 +225,9 @@ def plot(results: Dict, path: str) -> str:
 
     styles = {"detr": ("tab:gray", "o"), "conditional_detr": ("tab:blue", "s"), "dab_detr": ("tab:green", "^"),
               "deformable_detr": ("tab:orange", "D"), "dab_deformable_detr": ("tab:red", "v"),
-              "adamixer": ("tab:purple", "P"), "rnndet": ("tab:brown", "X"), "deqdet": ("tab:pink", "*")}
+              "sd_detr_baseline": ("tab:purple", "x"), "sd_detr_dfl": ("tab:purple", "+"),
+              "sd_detr_taq": ("tab:pink", "P"), "sd_detr": ("tab:brown", "*"),
+              "adamixer": ("tab:olive", "P"), "rnndet": ("tab:cyan", "X"), "deqdet": ("black", "*")}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     methods = results["methods"]
     for key, ax in zip(("AP", "AP50"), axes):

@@ -11,6 +11,9 @@ and score:
 * deformable methods: one panel per feature level with the query's sampling points of every
   head (dot area proportional to the attention weight; the star is the reference point);
 * DETR-style methods: one panel per query with its cross-attention map (mean over heads);
+* SD-DETR (decoupled classification / localisation cross-attention): two rows of such panels,
+  the classification branch's maps above the localisation branch's (the paper's Figure 4), with
+  each branch's reference point (star) and, with task-aware queries, its discriminative points.
 * AdaMixer, RNNDet, DEQDet (no cross-attention: 3D feature sampling): one panel per query with
   the 3D sampling points of stage call --layer (a weight-tied stage counts once per step), the
   dot colour giving the point's scale (its expected pyramid level, blue = finest), the thin box
@@ -35,7 +38,7 @@ from detectron2.utils.colormap import colormap  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from d2detr.export import ExportableDetector  # noqa: E402
-from d2detr.export.attention_maps import AttentionRecorder, deformable_sampling  # noqa: E402
+from d2detr.export.attention_maps import AttentionRecord, AttentionRecorder, deformable_sampling  # noqa: E402
 from d2detr.export.cli import build_model, dataset_class_names, list_images, load_config  # noqa: E402
 from d2detr.layers.box_ops import box_cxcywh_to_xyxy  # noqa: E402
 
@@ -77,10 +80,69 @@ def inspect_image(model, image: torch.Tensor, layer: int = -1):
         scores, classes = logits.softmax(-1)[:, :-1].max(-1)
     h, w = size.tolist()
     boxes = box_cxcywh_to_xyxy(outputs["pred_boxes"][0].float()) * torch.tensor([w, h, w, h])
-    record = recorder.decoder_cross_attention(logits.shape[0], layer)
+    record = decoupled_cross_attention(recorder, outputs, layer, size) or recorder.decoder_cross_attention(
+        logits.shape[0], layer)
     if record is None:
         raise RuntimeError(f"{type(model).__name__}: found no decoder cross-attention to record")
     return scores, classes, boxes, tuple(images.tensor.shape[-2:]), record
+
+
+# ------------------------------------------------- SD-DETR: classification vs localisation branch
+def decoupled_cross_attention(recorder, outputs, layer: int, size):
+    """For a decoder with separate classification / localisation cross-attention (SD-DETR's
+    ``...layers.<i>.parts.cls.cross_attn`` and ``...parts.loc.cross_attn``): one record of kind
+    ``"decoupled"`` holding both branches' records of decoder layer ``layer`` and, in image pixels,
+    their reference points and discriminative points when the outputs carry them. None otherwise."""
+    branches = {}
+    for b in ("cls", "loc"):
+        branches[b] = [r for r in recorder.records
+                       if r.kind == "dense" and "decoder" in r.name and r.name.endswith(f".{b}.cross_attn")]
+    if not branches["cls"] or len(branches["cls"]) != len(branches["loc"]):
+        return None
+    h, w = size.tolist()
+    scale = torch.tensor([w, h])
+    data = {b: branches[b][layer] for b in ("cls", "loc")}
+    for b in ("cls", "loc"):
+        for key in (f"{b}_reference_points", f"{b}_points"):
+            if key in outputs:
+                data[key] = outputs[key][0].float().cpu() * scale
+    name = data["cls"].name.rsplit(".cls.", 1)[0]
+    return AttentionRecord(name, "decoupled", data["cls"].module, data)
+
+
+def draw_decoupled(rgb, queries, labels, boxes, padded_hw, record, colors):
+    """Rows: the classification branch's cross-attention maps (top), the localisation branch's
+    (bottom); one column per query. Returns ``(picture, data)``."""
+    H, W = rgb.shape[:2]
+    Hp, Wp = padded_hw
+    rows, data = [], {}
+    for b, title in (("cls", "classification"), ("loc", "localisation")):
+        w = record.data[b].data["weights"][0]  # [heads, Q, S]
+        h_f, w_f = _feature_size(w.shape[-1], padded_hw)
+        maps = w[:, queries].mean(0).reshape(len(queries), h_f, w_f)
+        data[f"{b}_attention_maps"] = maps.numpy()
+        panels = []
+        for i, q in enumerate(queries):
+            m = maps[i].numpy()
+            m = cv2.resize(m / max(m.max(), 1e-12), (Wp, Hp), interpolation=cv2.INTER_NEAREST)[:H, :W]
+            heat = cv2.applyColorMap((m * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
+            canvas = np.ascontiguousarray(_base(cv2.addWeighted(rgb, 0.5, heat, 0.5, 0), boxes[q].numpy(), labels[i],
+                                                colors[i % len(colors)]))
+            points = record.data.get(f"{b}_points")
+            if points is not None:
+                for x, y in points[q].tolist():
+                    cv2.circle(canvas, (int(round(x)), int(round(y))), 3, (255, 255, 255), -1, cv2.LINE_AA)
+            ref = record.data.get(f"{b}_reference_points")
+            if ref is not None:
+                rx, ry = ref[q].tolist()
+                cv2.drawMarker(canvas, (int(round(rx)), int(round(ry))), (255, 255, 255), cv2.MARKER_STAR, 14, 2)
+            cv2.putText(canvas, title, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+            panels.append(canvas)
+        rows.append(np.concatenate(panels, axis=1))
+    for key in ("cls_reference_points", "loc_reference_points", "cls_points", "loc_points"):
+        if key in record.data:
+            data[key] = record.data[key][queries].numpy()
+    return np.concatenate(rows, axis=0), data
 
 
 def _feature_size(num_tokens: int, padded_hw):
@@ -109,6 +171,9 @@ def draw(rgb, queries, scores, classes, boxes, padded_hw, record, class_names):
         for q in queries
     ]
     data = {"queries": np.array(queries), "boxes": boxes[queries].numpy(), "scores": scores[queries].numpy()}
+    if record.kind == "decoupled":
+        picture, branch_data = draw_decoupled(rgb, queries, labels, boxes, padded_hw, record, colors)
+        return picture, {**data, **branch_data}
     panels = []
     if record.kind == "deformable":
         locations, weights = deformable_sampling(record.module, record)

@@ -14,6 +14,7 @@ from detectron2.config import LazyCall as L
 from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.data import transforms as T
 from detectron2.evaluation import COCOEvaluator
+from detectron2.layers import ShapeSpec
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 from omegaconf import OmegaConf
@@ -34,6 +35,39 @@ NUM_QUERIES = 100  # the densest tile holds about 60 crowns
 NUM_CLASSES = 1
 #: MobileNetV2 (ImageNet, offline weights, FrozenBN, stem + stride-4 frozen) output channels.
 MOBILENET_CHANNELS = {"res3": (32, 8), "res4": (96, 16), "res5": (320, 32)}
+
+
+def size_multi_scale_model(model):
+    """Gives a multi-scale deformable model config (``configs/common/models/deformable_r50.py`` and
+    the methods built on it) the comparison's shared size: the ImageNet MobileNetV2 res3-res5
+    (3 levels), width ``D_MODEL``, ``ENC_LAYERS`` + ``DEC_LAYERS`` layers of ``NUM_HEADS`` heads and
+    FFN ``FFN_DIM``, ``NUM_QUERIES`` queries, ``NUM_CLASSES`` class. Sizes of method-specific parts
+    (a decoder norm, a denoising embedding) are the method config's to set."""
+    from d2detr.modeling.backbone import MobileNetV2Backbone
+
+    model.backbone = L(MobileNetV2Backbone)(out_features=list(MOBILENET_CHANNELS), pretrained=True)
+    model.neck.input_shapes = {
+        name: L(ShapeSpec)(channels=channels, stride=stride) for name, (channels, stride) in MOBILENET_CHANNELS.items()
+    }
+    model.neck.out_channels = D_MODEL
+    model.neck.num_outs = len(MOBILENET_CHANNELS)
+    model.embed_dim = D_MODEL
+    model.position_embedding.num_pos_feats = D_MODEL // 2
+    model.transformer.embed_dim = D_MODEL
+    model.transformer.num_feature_levels = len(MOBILENET_CHANNELS)
+    if "embed_dim" in model.transformer.decoder:
+        model.transformer.decoder.embed_dim = D_MODEL
+    model.transformer.encoder.num_layers = ENC_LAYERS
+    model.transformer.decoder.num_layers = DEC_LAYERS
+    for layer in (model.transformer.encoder.encoder_layer, model.transformer.decoder.decoder_layer):
+        layer.embed_dim = D_MODEL
+        layer.num_heads = NUM_HEADS
+        layer.num_levels = len(MOBILENET_CHANNELS)
+        layer.ffn_dim = FFN_DIM
+    model.num_classes = NUM_CLASSES
+    model.num_queries = NUM_QUERIES
+    model.select_box_nums_for_evaluation = NUM_QUERIES
+    return model
 
 # ----------------------------------------------------------------------------- data
 TRAIN_SIZES = (352, 384, 416, 448, 480)

@@ -80,6 +80,7 @@ _BUILTIN_MODULES = {
     # not Hugging Face: ImageNet backbones and the official DETR release
     "torchvision_resnet": "d2detr.checkpoint.official",
     "detr_official": "d2detr.checkpoint.official",
+    "dino_official": "d2detr.checkpoint.dino_official",
     # official mmdet checkpoints of AdaMixer (mmdet 2) and DEQDet (mmdet 3)
     "adamixer_mmdet": "d2detr.checkpoint.mmdet_adamixer",
     "deqdet_mmdet": "d2detr.checkpoint.mmdet_adamixer",

@@ -18,7 +18,18 @@ Semantics (identical to the official ``MSDeformAttnFunction``)::
 
 A location (x, y) on level l is sampled bilinearly at pixel
 (x * W_l - 0.5, y * H_l - 0.5), with zeros outside the feature map, i.e. exactly
-``F.grid_sample(align_corners=False, padding_mode="zeros")`` on ``2 * loc - 1``.
+``F.grid_sample(align_corners=False, padding_mode="zeros")`` on ``2 * loc - 1``
+(gradients included: at pixel -1 the value is 0 but the location gradient is not).
+
+Dtypes, alike on every device, in the Meta kernel and in the reference: any
+floating dtypes, mixed (``model.half()`` gives float16 locations). The op computes
+in float64 when ``value`` is float64, otherwise it accumulates in float32 with
+float32 locations; the output has ``value``'s dtype, each gradient its input's.
+Under ``torch.autocast`` the locations and weights are cast to float32 and
+``value`` keeps its dtype (the autocast dtype, since it comes out of
+``value_proj``), so mixed-precision training runs the float16 / bfloat16 CUDA
+kernels; ``MultiScaleDeformableAttention(compute_in_float32=True)`` restores
+Deformable DETR's policy of running the whole op in float32.
 """
 import importlib.util
 import math
@@ -36,6 +47,7 @@ __all__ = [
     "MultiScaleDeformableAttention",
     "native_ms_deform_attn_available",
     "get_library_path",
+    "set_compute_in_float32_default",
 ]
 
 _NATIVE_LOAD_ERROR: Optional[str] = None
@@ -74,6 +86,11 @@ def _load_native() -> bool:
 _NATIVE = _load_native()
 _NATIVE_CUDA = _NATIVE and _has_kernel("CUDA")
 _WARNED = False
+# Devices (str(torch.device)) the library has no CUDA kernel image for; the C++
+# error says "... has no CUDA kernel image for this GPU ..." (check_launch in
+# ms_deform_attn_cuda.cu).
+_NO_KERNEL_IMAGE = set()
+_NO_KERNEL_IMAGE_MESSAGE = "has no CUDA kernel image for this GPU"
 
 
 def native_ms_deform_attn_available(device: str = "cpu") -> bool:
@@ -191,6 +208,13 @@ def ms_deform_attn_reference(
     the fallback where the native operator is unavailable."""
     N, S, M, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
+    # The native op's dtype policy: float64 for a float64 value, else float32; the
+    # result in value's dtype (autograd returns each gradient in its input's dtype).
+    out_dtype = value.dtype
+    compute_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    value = value.to(compute_dtype)
+    sampling_locations = sampling_locations.to(compute_dtype)
+    attention_weights = attention_weights.to(compute_dtype)
     shapes: List[List[int]] = spatial_shapes.tolist()
     starts: List[int] = level_start_index.tolist()
     sampling_grids = 2 * sampling_locations - 1
@@ -207,9 +231,9 @@ def ms_deform_attn_reference(
     # [N, Q, M, L, P] -> [N*M, 1, Q, L*P]
     weights = attention_weights.transpose(1, 2).reshape(N * M, 1, Q, L * P)
     if L == 0:
-        return value.new_zeros((N, Q, M * D))
+        return value.new_zeros((N, Q, M * D), dtype=out_dtype)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(N, M * D, Q)
-    return out.transpose(1, 2).contiguous()
+    return out.transpose(1, 2).contiguous().to(out_dtype)
 
 
 # --------------------------------------------------------------------------- #
@@ -228,6 +252,16 @@ def _warn_fallback(reason: str) -> None:
         )
 
 
+def _native_op(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    return torch.ops.d2detr.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
 @torch.jit.unused
 def _ms_deform_attn_eager(
     value: Tensor,
@@ -236,16 +270,25 @@ def _ms_deform_attn_eager(
     sampling_locations: Tensor,
     attention_weights: Tensor,
 ) -> Tensor:
-    if _NATIVE and (value.device.type == "cpu" or (value.device.type == "cuda" and _NATIVE_CUDA)):
-        return torch.ops.d2detr.ms_deform_attn(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-        )
-    if not _NATIVE:
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    device = value.device
+    native = _NATIVE and (device.type == "cpu" or (device.type == "cuda" and _NATIVE_CUDA))
+    if native and str(device) not in _NO_KERNEL_IMAGE:
+        if torch.compiler.is_compiling():  # traced once; a missing kernel image then fails loudly
+            return _native_op(*args)
+        try:
+            return _native_op(*args)
+        except NotImplementedError as e:  # built without this GPU's architecture
+            if _NO_KERNEL_IMAGE_MESSAGE not in str(e):
+                raise
+            _NO_KERNEL_IMAGE.add(str(device))
+            _warn_fallback(str(e).splitlines()[0])
+    elif not _NATIVE:
         _warn_fallback(f"d2detr._C could not be loaded: {_NATIVE_LOAD_ERROR}")
-    else:
-        _warn_fallback(f"d2detr._C has no kernel for device '{value.device.type}'")
-    check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    elif not native:
+        _warn_fallback(f"d2detr._C has no kernel for device '{device.type}'")
+    check_ms_deform_attn_inputs(*args)
+    return ms_deform_attn_reference(*args)
 
 
 def ms_deform_attn(
@@ -264,8 +307,12 @@ def ms_deform_attn(
         sampling_locations: [N, Q, M, L, P, 2], (x, y) in [0, 1] (outside reads zeros).
         attention_weights: [N, Q, M, L, P].
 
+    Any floating dtypes (module docstring, "Dtypes"). Falls back, with a one-time
+    warning, to :func:`ms_deform_attn_reference` where the library is not built,
+    has no kernel for the device, or has no CUDA kernel image for the GPU.
+
     Returns:
-        [N, Q, M * D]
+        [N, Q, M * D] in value's dtype
     """
     if torch.jit.is_scripting():
         return torch.ops.d2detr.ms_deform_attn(
@@ -277,6 +324,16 @@ def ms_deform_attn(
 # --------------------------------------------------------------------------- #
 # Module                                                                       #
 # --------------------------------------------------------------------------- #
+_COMPUTE_IN_FLOAT32_DEFAULT = False
+
+
+def set_compute_in_float32_default(enabled: bool) -> None:
+    """Default of ``MultiScaleDeformableAttention(compute_in_float32=None)`` for
+    modules built afterwards (e.g. call it before building a model from a config)."""
+    global _COMPUTE_IN_FLOAT32_DEFAULT
+    _COMPUTE_IN_FLOAT32_DEFAULT = bool(enabled)
+
+
 class MultiScaleDeformableAttention(nn.Module):
     """Deformable DETR's ``MSDeformAttn``: projections + :func:`ms_deform_attn`.
 
@@ -284,10 +341,31 @@ class MultiScaleDeformableAttention(nn.Module):
     (``sampling_offsets``, ``attention_weights``, ``value_proj``,
     ``output_proj``), so official checkpoints load unchanged. No residual and no
     dropout inside, as in the official module.
+
+    Args:
+        compute_in_float32: run the deformable-attention core on float32 copies
+            of a float16 / bfloat16 ``value`` (and of the locations and weights),
+            the result cast back to ``value``'s dtype: the official code's policy
+            under mixed precision. False (the default): under ``torch.autocast``
+            ``value`` stays in the autocast dtype (half the memory traffic, and
+            the float16 / bfloat16 CUDA kernels, which accumulate in float32)
+            while locations and weights are cast to float32. None: the value of
+            :func:`set_compute_in_float32_default` when the module is built.
+            A plain attribute, so it can also be flipped on a built model.
     """
 
-    def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4):
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 4,
+        num_points: int = 4,
+        compute_in_float32: Optional[bool] = None,
+    ):
         super().__init__()
+        self.compute_in_float32: bool = (
+            _COMPUTE_IN_FLOAT32_DEFAULT if compute_in_float32 is None else bool(compute_in_float32)
+        )
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim must be divisible by num_heads, got {embed_dim} and {num_heads}")
         head_dim = embed_dim // num_heads
@@ -375,11 +453,17 @@ class MultiScaleDeformableAttention(nn.Module):
             )
         else:
             raise ValueError("reference_points must have 2 (x, y) or 4 (cx, cy, w, h) values in the last dimension")
-        output = ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        if self.compute_in_float32 and (value.dtype == torch.float16 or value.dtype == torch.bfloat16):
+            output = ms_deform_attn(
+                value.float(), spatial_shapes, level_start_index, sampling_locations.float(), attention_weights.float()
+            ).to(value.dtype)
+        else:
+            output = ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         return self.output_proj(output)
 
     def extra_repr(self) -> str:
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"num_levels={self.num_levels}, num_points={self.num_points}"
+            + (", compute_in_float32=True" if self.compute_in_float32 else "")
         )

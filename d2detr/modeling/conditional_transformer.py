@@ -19,7 +19,8 @@ Names follow the official implementation (Atten4Vis/ConditionalDETR, ``models/tr
 * :class:`ConditionalAttention` -- multi-head attention over pre-projected q/k/v whose q/k
   width may differ from v's; returns the head-averaged attention map (for visualisation).
 * :class:`ConditionalDecoderLayer` -- self-attention with separate content/position
-  projections, conditional cross-attention, FFN; post-norm.
+  projections, conditional cross-attention, FFN; post-norm. Either half can be built and run
+  alone (SD-DETR's shared self-attention and per-task cross-attention branches).
 * :class:`ConditionalDetrDecoder` / :class:`ConditionalDetrTransformer` -- Conditional DETR's
   decoder and the DETR encoder + that decoder.
 """
@@ -140,6 +141,11 @@ class ConditionalDecoderLayer(nn.Module):
     in the first layer) ; ca_qpos_sine_proj(query_sine_embed)]``, ``k = [ca_kcontent_proj(memory)
     (+ k_pos in the first layer) ; k_pos]`` with ``k_pos = ca_kpos_proj(pos)``, ``v = ca_v_proj(memory)``.
     The decoder removes ``ca_qpos_proj`` from all but the first layer (unless ``keep_query_pos``).
+
+    ``with_self_attention=False`` / ``with_cross_attention=False`` build only the other half (its
+    modules; the missing half's are None), run by :meth:`forward_self_attention` /
+    :meth:`forward_cross_attention` (cross-attention + FFN); :meth:`forward` runs both in turn.
+    SD-DETR shares one self-attention half between two cross-attention halves.
     """
 
     def __init__(
@@ -150,27 +156,36 @@ class ConditionalDecoderLayer(nn.Module):
         dropout: float = 0.1,
         activation: str = "relu",
         keep_query_pos: bool = False,
+        with_self_attention: bool = True,
+        with_cross_attention: bool = True,
     ):
         super().__init__()
+        if not (with_self_attention or with_cross_attention):
+            raise ValueError("a decoder layer needs self-attention, cross-attention (+ FFN) or both")
+        # Either half can be built alone (SD-DETR shares one self-attention between two
+        # cross-attention + FFN branches); the missing half's modules are None.
+        sa, ca = with_self_attention, with_cross_attention
         for name in ("sa_qcontent_proj", "sa_qpos_proj", "sa_kcontent_proj", "sa_kpos_proj", "sa_v_proj",
                      "ca_qcontent_proj", "ca_qpos_proj", "ca_kcontent_proj", "ca_kpos_proj", "ca_v_proj",
                      "ca_qpos_sine_proj"):
-            setattr(self, name, nn.Linear(d_model, d_model))
-        self.self_attn = ConditionalAttention(d_model, nhead, dropout=dropout)
-        self.cross_attn = ConditionalAttention(d_model * 2, nhead, dropout=dropout, vdim=d_model)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+            setattr(self, name, nn.Linear(d_model, d_model) if (sa if name.startswith("sa_") else ca) else None)
+        self.self_attn = ConditionalAttention(d_model, nhead, dropout=dropout) if sa else None
+        self.cross_attn = ConditionalAttention(d_model * 2, nhead, dropout=dropout, vdim=d_model) if ca else None
+        self.linear1 = nn.Linear(d_model, dim_feedforward) if ca else None
+        self.dropout = nn.Dropout(dropout) if ca else None
+        self.linear2 = nn.Linear(dim_feedforward, d_model) if ca else None
+        self.norm1 = nn.LayerNorm(d_model) if sa else None
+        self.norm2 = nn.LayerNorm(d_model) if ca else None
+        self.norm3 = nn.LayerNorm(d_model) if ca else None
+        self.dropout1 = nn.Dropout(dropout) if sa else None
+        self.dropout2 = nn.Dropout(dropout) if ca else None
+        self.dropout3 = nn.Dropout(dropout) if ca else None
         self.activation = build_activation(activation)
         self.d_model = d_model
         self.nhead = nhead
         self.keep_query_pos = keep_query_pos
+        self.with_self_attention = with_self_attention
+        self.with_cross_attention = with_cross_attention
 
     def forward(
         self,
@@ -185,13 +200,28 @@ class ConditionalDecoderLayer(nn.Module):
     ) -> Tensor:
         """``tgt[B,Q,C]``, ``memory[B,N,C]``, ``pos[B,N,C]`` (memory positions), ``query_pos[B,Q,C]``,
         ``query_sine_embed[B,Q,C]`` (the spatial query before ``ca_qpos_sine_proj``)."""
-        # ---- self-attention
+        tgt = self.forward_self_attention(tgt, query_pos, tgt_mask)
+        return self.forward_cross_attention(tgt, memory, pos, query_pos, query_sine_embed,
+                                            memory_key_padding_mask, is_first)
+
+    def forward_self_attention(self, tgt: Tensor, query_pos: Tensor, tgt_mask: Optional[Tensor] = None) -> Tensor:
+        """Self-attention among the queries, residual and ``norm1``."""
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
         k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
         tgt2 = self.self_attn(q, k, self.sa_v_proj(tgt), attn_mask=tgt_mask)[0]
-        tgt = self.norm1(tgt + self.dropout1(tgt2))
+        return self.norm1(tgt + self.dropout1(tgt2))
 
-        # ---- conditional cross-attention
+    def forward_cross_attention(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        pos: Tensor,
+        query_pos: Tensor,
+        query_sine_embed: Tensor,
+        memory_key_padding_mask: Optional[Tensor] = None,
+        is_first: bool = False,
+    ) -> Tensor:
+        """Conditional cross-attention (residual, ``norm2``), then the FFN (residual, ``norm3``)."""
         B, Q, C = tgt.shape
         N = memory.shape[1]
         h = self.nhead
@@ -328,7 +358,7 @@ def record_cross_attention(model: nn.Module) -> Iterator[List[Tensor]]:
     hooks = [
         layer.cross_attn.register_forward_hook(lambda _m, _i, out: maps.append(out[1].detach()))
         for layer in model.modules()
-        if isinstance(layer, ConditionalDecoderLayer)
+        if isinstance(layer, ConditionalDecoderLayer) and layer.cross_attn is not None
     ]
     if not hooks:
         raise ValueError(f"{type(model).__name__} has no ConditionalDecoderLayer to record")

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from d2detr.layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
+from .denoising import denoising_match_indices
 from .losses import sigmoid_focal_loss
 
 __all__ = ["SetCriterion"]
@@ -30,7 +31,11 @@ class SetCriterion(nn.Module):
       over matched pairs and divided by the number of boxes.
 
     Keys get the suffix ``_{i}`` for aux output ``i`` and ``_enc`` for the encoder
-    (two-stage) output. The returned dict holds **weighted** losses: the weight of
+    (two-stage) output. Denoising outputs (DINO: ``outputs["dn_outputs"]`` with its own
+    ``aux_outputs``, and ``outputs["dn_meta"]``) are not matched: each positive denoising query is
+    assigned the target it was made from (:func:`~d2detr.modeling.denoising.denoising_match_indices`),
+    negatives and padding slots are background, and the losses are normalised by the number of
+    boxes times the number of groups, with suffixes ``_dn`` and ``_dn_{i}``. The returned dict holds **weighted** losses: the weight of
     ``loss_class_0`` is ``weight_dict["loss_class_0"]`` if given, else
     ``weight_dict["loss_class"]``; a loss with no weight is an error.
 
@@ -145,9 +150,11 @@ class SetCriterion(nn.Module):
             return self.weight_dict[key]
         raise KeyError(f"SetCriterion: no weight for {full!r} (nor {key!r}) in weight_dict {self.weight_dict}")
 
-    def compute_set_losses(self, outputs, targets, num_boxes, suffix: str = "") -> Dict[str, Tensor]:
-        """Matches one prediction set and returns its weighted losses, keys suffixed."""
-        indices = self.matcher(outputs, targets)
+    def compute_set_losses(self, outputs, targets, num_boxes, suffix: str = "", indices=None) -> Dict[str, Tensor]:
+        """Matches one prediction set (unless ``indices`` are given) and returns its weighted
+        losses, keys suffixed."""
+        if indices is None:
+            indices = self.matcher(outputs, targets)
         out = {}
         for loss in self.losses:
             for k, v in self.get_loss(loss, outputs, targets, indices, num_boxes).items():
@@ -168,6 +175,14 @@ class SetCriterion(nn.Module):
             if self.enc_class_agnostic:
                 enc_targets = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
             losses.update(self.compute_set_losses(enc, enc_targets, num_boxes, suffix="_enc"))
+        dn = outputs.get("dn_outputs")
+        if dn is not None:
+            meta = outputs["dn_meta"]
+            indices = denoising_match_indices(targets, meta)
+            dn_num_boxes = num_boxes * meta["num_groups"]
+            losses.update(self.compute_set_losses(dn, targets, dn_num_boxes, "_dn", indices))
+            for i, aux in enumerate(dn.get("aux_outputs") or []):
+                losses.update(self.compute_set_losses(aux, targets, dn_num_boxes, f"_dn_{i}", indices))
         return losses
 
     def extra_repr(self) -> str:

@@ -27,8 +27,11 @@ import torch
 from torch import Tensor, nn
 
 from d2detr.layers.box_ops import inverse_sigmoid
+from d2detr.layers.dynamic_shapes import num_selected
+from d2detr.layers.mlp import MLP
 from d2detr.layers.ms_deform_attn import MultiScaleDeformableAttention
 
+from .conditional_transformer import gen_sineembed_for_position
 from .transformer import _clones, get_activation_fn, with_pos_embed, xavier_init_
 
 __all__ = [
@@ -36,7 +39,11 @@ __all__ = [
     "DeformableTransformerDecoderLayer",
     "DeformableTransformerEncoder",
     "DeformableTransformerDecoder",
+    "AnchorDeformableDecoder",
+    "DeformableDetrTransformer",
     "flatten_multi_level",
+    "gather_tokens",
+    "geometry_dtype",
     "get_valid_ratio",
     "gen_encoder_output_proposals",
     "get_proposal_pos_embed",
@@ -57,6 +64,8 @@ class DeformableTransformerEncoderLayer(nn.Module):
     """Deformable self-attention over the flattened multi-level feature map, then an FFN.
 
     Post-norm, dropout after attention and in the FFN, as in the official code.
+    ``compute_in_float32``: the mixed-precision policy of the deformable attention (see
+    :class:`~d2detr.layers.ms_deform_attn.MultiScaleDeformableAttention`); None = the library default.
     """
 
     def __init__(
@@ -68,9 +77,11 @@ class DeformableTransformerEncoderLayer(nn.Module):
         ffn_dim: int = 1024,
         dropout: float = 0.1,
         activation: str = "relu",
+        compute_in_float32: Optional[bool] = None,
     ):
         super().__init__()
-        self.self_attn = MultiScaleDeformableAttention(embed_dim, num_heads, num_levels, num_points)
+        self.self_attn = MultiScaleDeformableAttention(embed_dim, num_heads, num_levels, num_points,
+                                                       compute_in_float32=compute_in_float32)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(embed_dim)
 
@@ -118,10 +129,12 @@ class DeformableTransformerDecoderLayer(nn.Module):
         ffn_dim: int = 1024,
         dropout: float = 0.1,
         activation: str = "relu",
+        compute_in_float32: Optional[bool] = None,
     ):
         super().__init__()
         # cross attention
-        self.cross_attn = MultiScaleDeformableAttention(embed_dim, num_heads, num_levels, num_points)
+        self.cross_attn = MultiScaleDeformableAttention(embed_dim, num_heads, num_levels, num_points,
+                                                        compute_in_float32=compute_in_float32)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(embed_dim)
         # self attention
@@ -221,23 +234,51 @@ class DeformableTransformerEncoder(nn.Module):
 class DeformableTransformerDecoder(nn.Module):
     """``num_layers`` copies of ``decoder_layer``.
 
-    With ``self.bbox_embed`` (a ModuleList of per-layer box heads, set by the detector) each layer
-    refines the reference points: ``sigmoid(bbox_embed[i](hs) + inverse_sigmoid(ref))``, detached
-    before the next layer (iterative bounding box refinement). ``self.class_embed`` is only a
-    place to hang the two-stage heads; the decoder itself does not use it.
+    With ``self.bbox_embed`` (a ModuleList of box heads, one entry per layer, set by the detector)
+    each layer refines the reference points: ``sigmoid(bbox_embed[i](out) + inverse_sigmoid(ref))``,
+    detached before the next layer (iterative bounding box refinement). ``self.class_embed`` is
+    only a place to hang the two-stage heads; the decoder itself does not use it.
+
+    Args:
+        decoder_layer, num_layers: the stack.
+        return_intermediate: return every layer's output (the detectors need it).
+        look_forward_twice: DINO's refinement. The next layer still starts from the *detached*
+            refined reference, but ``references[i]`` is the undetached one, so the box the
+            detector predicts at layer ``i + 1`` on top of it also trains layer ``i``'s box head.
+            False (Deformable DETR, DAB-Deformable-DETR): detached everywhere.
+        norm: applied to every layer's output before it is returned for the prediction heads
+            (DINO's decoder LayerNorm); the refinement inside the decoder uses the raw output,
+            as in the official code.
+
+    Attributes the detector sets: ``bbox_embed``, ``class_embed`` and ``inverse_sigmoid_eps`` (the
+    eps of the logit-space refinement: 1e-5 in Deformable DETR, 1e-3 in DINO).
 
     Returns ``(hs [num_layers, N, Q, C], references [num_layers, N, Q, 2|4])`` where
-    ``references[i]`` are the reference points *after* layer ``i`` (the inputs of layer ``i+1``);
-    with ``return_intermediate=False`` only the last layer, with a leading dim of 1.
+    ``references[i]`` are the reference points *after* layer ``i`` (what the box of layer ``i + 1``
+    is predicted from); with ``return_intermediate=False`` only the last layer, with a leading dim of 1.
     """
 
-    def __init__(self, decoder_layer: nn.Module, num_layers: int, return_intermediate: bool = True):
+    #: Whether the layers' positional queries come from the reference boxes (DAB, DINO) rather
+    #: than from the caller's ``query_pos``.
+    derives_query_pos: bool = False
+
+    def __init__(
+        self,
+        decoder_layer: nn.Module,
+        num_layers: int,
+        return_intermediate: bool = True,
+        look_forward_twice: bool = False,
+        norm: Optional[nn.Module] = None,
+    ):
         super().__init__()
         self.layers = _clones(decoder_layer, num_layers)
         self.num_layers = num_layers
         self.return_intermediate = return_intermediate
+        self.look_forward_twice = look_forward_twice
+        self.norm = norm
         self.bbox_embed: Optional[nn.ModuleList] = None
         self.class_embed: Optional[nn.ModuleList] = None
+        self.inverse_sigmoid_eps = 1e-5
 
     @staticmethod
     def scale_reference_points(reference_points: Tensor, valid_ratios: Tensor) -> Tensor:
@@ -249,11 +290,17 @@ class DeformableTransformerDecoder(nn.Module):
         raise ValueError(f"reference_points must end in 2 or 4, got {tuple(reference_points.shape)}")
 
     @staticmethod
-    def refine_reference_points(delta: Tensor, reference_points: Tensor) -> Tensor:
+    def refine_reference_points(delta: Tensor, reference_points: Tensor, eps: float = 1e-5) -> Tensor:
         """Box refinement in logit space; 2-d references become 4-d boxes."""
         if reference_points.shape[-1] == 4:
-            return (delta + inverse_sigmoid(reference_points)).sigmoid()
-        return torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1).sigmoid()
+            return (delta + inverse_sigmoid(reference_points, eps)).sigmoid()
+        return torch.cat([delta[..., :2] + inverse_sigmoid(reference_points, eps), delta[..., 2:]], -1).sigmoid()
+
+    def layer_query_pos(
+        self, lid: int, output: Tensor, reference_points_input: Tensor, query_pos: Optional[Tensor]
+    ) -> Optional[Tensor]:
+        """The positional query of layer ``lid``: the caller's ``query_pos`` (Deformable DETR)."""
+        return query_pos
 
     def forward(
         self,
@@ -274,7 +321,7 @@ class DeformableTransformerDecoder(nn.Module):
             reference_points_input = self.scale_reference_points(reference_points, valid_ratios)
             output = layer(
                 output,
-                query_pos,
+                self.layer_query_pos(lid, output, reference_points_input, query_pos),
                 reference_points_input,
                 memory,
                 spatial_shapes,
@@ -282,15 +329,71 @@ class DeformableTransformerDecoder(nn.Module):
                 memory_padding_mask,
                 self_attn_mask,
             )
+            predicted_from = reference_points
             if self.bbox_embed is not None:
-                new_reference_points = self.refine_reference_points(self.bbox_embed[lid](output), reference_points)
-                reference_points = new_reference_points.detach()
+                refined = self.refine_reference_points(
+                    self.bbox_embed[lid](output), reference_points, self.inverse_sigmoid_eps
+                )
+                reference_points = refined.detach()
+                predicted_from = refined if self.look_forward_twice else reference_points
             if self.return_intermediate:
-                intermediate.append(output)
-                intermediate_reference_points.append(reference_points)
+                intermediate.append(output if self.norm is None else self.norm(output))
+                intermediate_reference_points.append(predicted_from)
         if self.return_intermediate:
             return torch.stack(intermediate), torch.stack(intermediate_reference_points)
-        return output[None], reference_points[None]
+        output = output if self.norm is None else self.norm(output)
+        return output[None], predicted_from[None]
+
+
+class AnchorDeformableDecoder(DeformableTransformerDecoder):
+    """Deformable decoder whose positional queries come from 4-D anchor boxes (DAB-Deformable-DETR,
+    DINO): layer ``i`` uses ``ref_point_head(PE(anchor_i))``, times ``query_scale(out_i)`` for the
+    layers after the first when ``query_scale`` is True (DAB-Deformable-DETR; DINO has no scale).
+    ``PE`` is :func:`~d2detr.modeling.conditional_transformer.gen_sineembed_for_position` of the
+    anchor scaled by the first level's valid ratios, ``embed_dim / 2`` features per coordinate.
+
+    ``forward`` takes ``reference_points [N, Q, 4]`` (sigmoid anchors) and ``query_pos=None``;
+    everything else is :class:`DeformableTransformerDecoder`'s.
+    """
+
+    derives_query_pos = True
+
+    def __init__(
+        self,
+        decoder_layer: nn.Module,
+        num_layers: int,
+        embed_dim: int = 256,
+        return_intermediate: bool = True,
+        query_scale: bool = True,
+        look_forward_twice: bool = False,
+        norm: Optional[nn.Module] = None,
+    ):
+        super().__init__(decoder_layer, num_layers, return_intermediate, look_forward_twice, norm)
+        self.embed_dim = embed_dim
+        self.query_scale = MLP(embed_dim, embed_dim, embed_dim, 2) if query_scale else None
+        self.ref_point_head = MLP(2 * embed_dim, embed_dim, embed_dim, 2)
+
+    def layer_query_pos(self, lid, output, reference_points_input, query_pos):
+        sine = gen_sineembed_for_position(reference_points_input[:, :, 0, :], self.embed_dim // 2)
+        pos = self.ref_point_head(sine)
+        if self.query_scale is not None and lid != 0:
+            pos = pos * self.query_scale(output)
+        return pos
+
+    def forward(self, tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios,
+                query_pos=None, memory_padding_mask=None, self_attn_mask=None):
+        if query_pos is not None:
+            raise ValueError("this decoder derives the positional queries from the anchors; pass query_pos=None")
+        if reference_points.shape[-1] != 4:
+            raise ValueError(f"anchors must be (x, y, w, h), got shape {tuple(reference_points.shape)}")
+        return super().forward(tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios,
+                               None, memory_padding_mask, self_attn_mask)
+
+
+def geometry_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of reference points, valid ratios and proposal grids for features of ``dtype``:
+    float32 for half / bfloat16 (autocast), float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def get_valid_ratio(mask: Tensor) -> Tensor:
@@ -333,7 +436,9 @@ def flatten_multi_level(
         [torch.stack([torch.full((), s, dtype=torch.long, device=src_flatten.device) for s in hw]) for hw in spatial_shapes_list]
     )
     level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-    valid_ratios = torch.stack([get_valid_ratio(m) for m in masks], 1).to(src_flatten.dtype)
+    # geometry stays at least float32 under bf16/fp16 autocast (a bf16 cell centre is up to a
+    # whole cell off on a 167-cell level)
+    valid_ratios = torch.stack([get_valid_ratio(m) for m in masks], 1).to(geometry_dtype(src_flatten.dtype))
     return (
         src_flatten,
         mask_flatten,
@@ -360,6 +465,7 @@ def gen_encoder_output_proposals(
     (``inverse_sigmoid``), ``inf`` where padded or outside ``(0.01, 0.99)``.
     """
     N = memory.shape[0]
+    dtype = geometry_dtype(memory.dtype)
     proposals = []
     _cur = 0
     for lvl, (H, W) in enumerate(spatial_shapes_list):
@@ -367,12 +473,12 @@ def gen_encoder_output_proposals(
         valid_H = torch.sum(~mask_flatten_[:, :, 0, 0], 1)
         valid_W = torch.sum(~mask_flatten_[:, 0, :, 0], 1)
         grid_y, grid_x = torch.meshgrid(
-            torch.arange(H, dtype=memory.dtype, device=memory.device),  # == linspace(0, H - 1, H)
-            torch.arange(W, dtype=memory.dtype, device=memory.device),
+            torch.arange(H, dtype=dtype, device=memory.device),  # == linspace(0, H - 1, H)
+            torch.arange(W, dtype=dtype, device=memory.device),
             indexing="ij",
         )
         grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
-        scale = torch.cat([valid_W.unsqueeze(-1), valid_H.unsqueeze(-1)], 1).view(N, 1, 1, 2).to(memory.dtype)
+        scale = torch.cat([valid_W.unsqueeze(-1), valid_H.unsqueeze(-1)], 1).view(N, 1, 1, 2).to(dtype)
         grid = (grid.unsqueeze(0).expand(N, -1, -1, -1) + 0.5) / scale
         wh = torch.ones_like(grid) * base_scale * (2.0**lvl)
         proposals.append(torch.cat((grid, wh), -1).view(N, -1, 4))
@@ -398,3 +504,188 @@ def get_proposal_pos_embed(proposals: Tensor, num_pos_feats: int = 128, temperat
     pos = proposals[:, :, :, None] / dim_t
     pos = torch.stack((pos[:, :, :, 0::2].sin(), pos[:, :, :, 1::2].cos()), dim=4).flatten(2)
     return pos
+
+
+def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
+    """``tokens [N, S, D]``, ``index [N, K]`` -> ``[N, K, D]``."""
+    return torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+class DeformableDetrTransformer(nn.Module):
+    """The multi-scale encoder-decoder of Deformable DETR and its successors.
+
+    Level embedding, flattening, the deformable encoder, the encoder proposals and how the
+    decoder's queries are made from them or from learned embeddings, then the decoder. The queries
+    (the hooks a successor overrides: :meth:`select_queries`, :meth:`encode`, :meth:`proposal_heads`):
+
+    * single-stage, ``decoder.derives_query_pos`` False (Deformable DETR): ``query_embed [Q, 2C]``
+      is split into positional and content queries; 2-d reference points are
+      ``sigmoid(reference_points(query_pos))``;
+    * single-stage with an anchor decoder (DAB-Deformable-DETR): ``query_embed`` is
+      ``(content [Q, C], anchor logits [Q, 4])``;
+    * two-stage: a detection head on every encoder token; the top ``two_stage_num_proposals`` by
+      the first class logit (class-agnostic objectness: the encoder loss relabels every target 0)
+      give the reference boxes (detached); their sine embedding through ``pos_trans`` gives the
+      positional and content queries (an anchor decoder takes only the content half).
+      :class:`~d2detr.modeling.dino_transformer.DinoTransformer` selects differently.
+
+    Args:
+        encoder, decoder: the stacks.
+        embed_dim: model width (256).
+        num_feature_levels: number of input levels (4; 1 for single-scale).
+        two_stage: queries from the encoder proposals; the proposal heads are
+            :meth:`proposal_heads` (set by the detector).
+        two_stage_num_proposals: how many proposals become queries (300), fewer when an image
+            has fewer tokens.
+
+    ``forward(srcs, masks, pos_embeds, query_embed=None, denoising_queries=None)`` returns
+    ``(hs [L, N, Q', C], init_reference [N, Q', 2|4], inter_references [L, N, Q', 2|4],
+    enc_logits, enc_coords_unact)``: the decoder outputs, its input references and the references
+    after each layer (see :class:`DeformableTransformerDecoder`), and for two-stage the encoder
+    head's class logits and box logits (every token ``[N, S, ...]`` here, the selected ones in
+    DINO), else None. ``Q'`` counts the ``denoising_queries`` first, then the matching queries.
+    """
+
+    #: Two-stage queries take their content (and, without an anchor decoder, position) from
+    #: ``pos_trans`` of the proposals' sine embedding (Deformable DETR) -- DINO learns them instead.
+    queries_from_proposal_embedding: bool = True
+
+    def __init__(
+        self,
+        encoder: DeformableTransformerEncoder,
+        decoder: DeformableTransformerDecoder,
+        embed_dim: int = 256,
+        num_feature_levels: int = 4,
+        two_stage: bool = False,
+        two_stage_num_proposals: int = 300,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.embed_dim = embed_dim
+        self.num_feature_levels = num_feature_levels
+        self.two_stage = two_stage
+        self.two_stage_num_proposals = two_stage_num_proposals
+
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, embed_dim))
+        if two_stage:
+            self.enc_output = nn.Linear(embed_dim, embed_dim)
+            self.enc_output_norm = nn.LayerNorm(embed_dim)
+            if self.queries_from_proposal_embedding:
+                self.pos_trans = nn.Linear(embed_dim * 2, embed_dim * 2)
+                self.pos_trans_norm = nn.LayerNorm(embed_dim * 2)
+        elif not decoder.derives_query_pos:
+            self.reference_points = nn.Linear(embed_dim, 2)
+        self.enc_out_class_embed: Optional[nn.Module] = None
+        self.enc_out_bbox_embed: Optional[nn.Module] = None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """The official initialisation: Xavier for every matrix, then the deformable
+        attention's own scheme, Xavier reference points and normal level embeddings."""
+        reset_deformable_parameters(self)
+        if hasattr(self, "reference_points"):
+            nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
+            nn.init.constant_(self.reference_points.bias, 0.0)
+        nn.init.normal_(self.level_embed)
+
+    # ----------------------------------------------------------------- hooks
+    def encode(self, src_flatten: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+               valid_ratios: Tensor, pos: Tensor, padding_mask: Tensor,
+               spatial_shapes_list: List[Tuple[int, int]]) -> Tensor:
+        """The encoder over the flattened levels -> memory ``[N, S, C]``."""
+        return self.encoder(src_flatten, spatial_shapes, level_start_index, valid_ratios, pos=pos,
+                            padding_mask=padding_mask, spatial_shapes_list=spatial_shapes_list)
+
+    def proposal_heads(self) -> Tuple[nn.Module, nn.Module]:
+        """The (class, box) heads applied to every encoder token in two-stage models: the
+        transformer's own ``enc_out_class_embed`` / ``enc_out_bbox_embed`` when the detector set
+        them (shared decoder heads, DINO), else the extra last entry of the decoder's per-layer
+        heads (Deformable DETR)."""
+        if self.enc_out_class_embed is not None:
+            return self.enc_out_class_embed, self.enc_out_bbox_embed
+        if self.decoder.class_embed is None or len(self.decoder.class_embed) <= self.decoder.num_layers:
+            raise RuntimeError("two-stage needs the proposal heads: set by the detector (decoder.class_embed["
+                               f"{self.decoder.num_layers}] or transformer.enc_out_class_embed)")
+        return self.decoder.class_embed[self.decoder.num_layers], self.decoder.bbox_embed[self.decoder.num_layers]
+
+    def encoder_proposals(self, memory: Tensor, mask_flatten: Tensor,
+                          spatial_shapes_list: List[Tuple[int, int]]) -> Tuple[Tensor, Tensor, Tensor]:
+        """Every token's detection: ``(output_memory [N,S,C] after enc_output + norm,
+        class logits [N,S,K], box logits [N,S,4] = head delta + the token's proposal)``."""
+        output_memory, output_proposals = gen_encoder_output_proposals(memory, mask_flatten, spatial_shapes_list)
+        output_memory = self.enc_output_norm(self.enc_output(output_memory))
+        class_head, box_head = self.proposal_heads()
+        return output_memory, class_head(output_memory), box_head(output_memory) + output_proposals
+
+    def select_queries(self, memory: Tensor, mask_flatten: Tensor, spatial_shapes_list: List[Tuple[int, int]],
+                       query_embed) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor], Optional[Tensor]]:
+        """-> ``(tgt [N,Q,C], query_pos [N,Q,C] or None, reference_points [N,Q,2|4] (sigmoid),
+        enc_logits, enc_coords_unact)`` (the last two None for single-stage)."""
+        bs, _, c = memory.shape
+        anchors = self.decoder.derives_query_pos
+        if self.two_stage:
+            _, enc_logits, enc_coords_unact = self.encoder_proposals(memory, mask_flatten, spatial_shapes_list)
+            k = num_selected(self.two_stage_num_proposals, enc_logits, 1)
+            # the official code ranks by the first class: the encoder loss makes it a
+            # class-agnostic objectness score (every target is relabelled 0)
+            topk_proposals = torch.topk(enc_logits[..., 0], k, dim=1)[1]
+            topk_coords_unact = gather_tokens(enc_coords_unact, topk_proposals).detach()
+            pos_trans_out = self.pos_trans_norm(
+                self.pos_trans(get_proposal_pos_embed(topk_coords_unact, c // 2).to(memory.dtype))
+            )
+            query_pos, tgt = torch.split(pos_trans_out, c, dim=2)
+            if anchors:
+                query_pos = None  # the anchor decoder makes positions from the boxes
+            return tgt, query_pos, topk_coords_unact.sigmoid(), enc_logits, enc_coords_unact
+        if query_embed is None:
+            raise ValueError("single-stage queries need query_embed")
+        if anchors:
+            tgt_embed, refpoint_embed = query_embed
+            tgt = tgt_embed.unsqueeze(0).expand(bs, -1, -1)
+            reference_points = refpoint_embed.sigmoid().unsqueeze(0).expand(bs, -1, -1)
+            return tgt, None, reference_points, None, None
+        query_pos, tgt = torch.split(query_embed, c, dim=1)
+        query_pos = query_pos.unsqueeze(0).expand(bs, -1, -1)
+        tgt = tgt.unsqueeze(0).expand(bs, -1, -1)
+        return tgt, query_pos, self.reference_points(query_pos).sigmoid(), None, None
+
+    # --------------------------------------------------------------- forward
+    def forward(
+        self,
+        srcs: List[Tensor],
+        masks: List[Tensor],
+        pos_embeds: List[Tensor],
+        query_embed=None,
+        denoising_queries=None,
+    ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+        """
+        Args:
+            srcs, masks, pos_embeds: per level ``[N, C, H, W]``, ``[N, H, W]`` (True = padding),
+                ``[N, C, H, W]``.
+            query_embed: the learned single-stage queries (see the class docstring).
+            denoising_queries: extra query groups put before the matching queries, with the
+                self-attention mask that keeps them apart: an object with ``tgt [N, P, C]``,
+                ``reference_points [N, P, 4]`` (sigmoid) and ``attn_mask(num_matching) -> [P+Q, P+Q]``
+                (see :class:`~d2detr.modeling.denoising.DenoisingQueries`). Needs an anchor decoder.
+        """
+        (src_flatten, mask_flatten, lvl_pos_embed_flatten, spatial_shapes, level_start_index,
+         valid_ratios, spatial_shapes_list) = flatten_multi_level(srcs, masks, pos_embeds, self.level_embed)
+        memory = self.encode(src_flatten, spatial_shapes, level_start_index, valid_ratios,
+                             lvl_pos_embed_flatten, mask_flatten, spatial_shapes_list)
+        tgt, query_pos, reference_points, enc_logits, enc_coords_unact = self.select_queries(
+            memory, mask_flatten, spatial_shapes_list, query_embed
+        )
+        self_attn_mask = None
+        if denoising_queries is not None:
+            if query_pos is not None:
+                raise ValueError("extra query groups need a decoder that derives positions from anchors")
+            self_attn_mask = denoising_queries.attn_mask(tgt.shape[1])
+            tgt = torch.cat([denoising_queries.tgt.to(tgt.dtype), tgt], 1)
+            reference_points = torch.cat([denoising_queries.reference_points.to(reference_points.dtype),
+                                          reference_points], 1)
+        hs, inter_references = self.decoder(
+            tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios,
+            query_pos=query_pos, memory_padding_mask=mask_flatten, self_attn_mask=self_attn_mask,
+        )
+        return hs, reference_points, inter_references, enc_logits, enc_coords_unact

@@ -16,7 +16,17 @@
 //   output              [N, Q, M * D]
 //
 // Sampling: pixel (x * W - 0.5, y * H - 0.5), bilinear, zeros outside (grid_sample with
-// align_corners=False, padding_mode="zeros"). d(output)/d(location) includes the W / H factor.
+// align_corners=False, padding_mode="zeros"); a point is inside the sampling support
+// when -1 <= x < W and -1 <= y < H, so the location gradient at x = -1 or y = -1
+// (one corner in the map, with weight 0) is not lost. d(output)/d(location)
+// includes the W / H factor.
+//
+// Dtypes (every backend and the Meta kernels alike, so that what traces also runs):
+// value, sampling_locations, attention_weights and grad_output may be any floating
+// dtypes, mixed. The op computes in float64 when value is float64 and otherwise
+// accumulates in float32 with float32 locations (CPU: value, weights too; CUDA reads
+// float16 / bfloat16 value, and weights in value's dtype, as they are). The output
+// has value's dtype; each gradient has the dtype of its input.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -32,7 +42,6 @@ namespace d2detr {
 // also reads spatial_shapes and level_start_index (copying them to the CPU if
 // needed, which synchronises a CUDA stream) and checks H, W > 0,
 // level_start_index == exclusive cumsum(H * W) and S == sum(H * W).
-// Dtype policy (float32/float64, equal dtypes, ...) is left to each backend.
 void check_ms_deform_attn_inputs(
     const at::Tensor& value,
     const at::Tensor& spatial_shapes,

@@ -1,4 +1,5 @@
-// CPU kernels of d2detr::ms_deform_attn (float32 / float64).
+// CPU kernels of d2detr::ms_deform_attn (float32 / float64; other floating dtypes are
+// converted to float32 and back).
 //
 // Forward: tasks are ranges of the head-major (batch, head, query); for every level and
 // point the four bilinear corners are accumulated straight into the output
@@ -429,14 +430,18 @@ void check_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes, const 
                const at::Tensor& sampling_locations, const at::Tensor& attention_weights, const char* name) {
   check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                               /*check_values=*/true);
-  const auto st = value.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble, name,
-                   ": the CPU kernel supports float32 and float64 only, got value of dtype ", st,
-                   " (use float32, or torch.autocast which runs this op in float32)");
-  TORCH_CHECK_TYPE(sampling_locations.scalar_type() == st && attention_weights.scalar_type() == st, name,
-                   ": value, sampling_locations and attention_weights must have one dtype on the CPU, got ", st, ", ",
-                   sampling_locations.scalar_type(), " and ", attention_weights.scalar_type());
   TORCH_CHECK_VALUE(value.device().is_cpu(), name, ": CPU kernel called with tensors on ", value.device());
+}
+
+// The kernels run in float64 when value is float64, else in float32: float16 /
+// bfloat16 inputs (model.half(), autocast) and mixed dtypes are converted to it,
+// and the results converted back (ms_deform_attn.h, "Dtypes").
+at::ScalarType compute_type(const at::Tensor& value) {
+  return value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor as_compute(const at::Tensor& t, at::ScalarType ct) {
+  return t.to(ct).contiguous();
 }
 
 template <typename scalar_t>
@@ -467,19 +472,20 @@ at::Tensor ms_deform_attn_forward_cpu(
     const at::Tensor& sampling_locations_,
     const at::Tensor& attention_weights_) {
   check_cpu(value_, spatial_shapes_, level_start_index_, sampling_locations_, attention_weights_, "ms_deform_attn");
-  const auto value = value_.contiguous();
+  const auto ct = compute_type(value_);
+  const auto value = as_compute(value_, ct);
   const auto spatial_shapes = spatial_shapes_.contiguous();
   const auto level_start_index = level_start_index_.contiguous();
-  const auto sampling_locations = sampling_locations_.contiguous();
-  const auto attention_weights = attention_weights_.contiguous();
+  const auto sampling_locations = as_compute(sampling_locations_, ct);
+  const auto attention_weights = as_compute(attention_weights_, ct);
   const int64_t N = value.size(0), M = value.size(2), D = value.size(3);
   const int64_t Q = sampling_locations.size(1), L = sampling_locations.size(3), P = sampling_locations.size(4);
   auto output = at::empty({N, Q, M * D}, value.options());
   if (output.numel() == 0) {
-    return output;
+    return output.to(value_.scalar_type());
   }
   if (L == 0 || P == 0) {
-    return output.zero_();
+    return output.zero_().to(value_.scalar_type());
   }
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
     auto a = make_args<scalar_t>(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
@@ -489,7 +495,7 @@ at::Tensor ms_deform_attn_forward_cpu(
     const int64_t grain = std::max<int64_t>(1, 32768 / work);
     at::parallel_for(0, N * M * Q, grain, [&](int64_t b, int64_t e) { forward_range(a, b, e); });
   });
-  return output;
+  return output.to(value_.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
@@ -503,25 +509,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
             "ms_deform_attn_backward");
   check_ms_deform_attn_backward_inputs(value_, spatial_shapes_, level_start_index_, sampling_locations_,
                                        attention_weights_, grad_output_, /*check_values=*/false);
-  TORCH_CHECK_TYPE(grad_output_.scalar_type() == value_.scalar_type(),
-                   "ms_deform_attn_backward: grad_output must have the dtype of value (", value_.scalar_type(),
-                   "), got ", grad_output_.scalar_type());
-  const auto value = value_.contiguous();
+  const auto ct = compute_type(value_);
+  const auto value = as_compute(value_, ct);
   const auto spatial_shapes = spatial_shapes_.contiguous();
   const auto level_start_index = level_start_index_.contiguous();
-  const auto sampling_locations = sampling_locations_.contiguous();
-  const auto attention_weights = attention_weights_.contiguous();
-  const auto grad_output = grad_output_.contiguous();
+  const auto sampling_locations = as_compute(sampling_locations_, ct);
+  const auto attention_weights = as_compute(attention_weights_, ct);
+  const auto grad_output = as_compute(grad_output_, ct);
   const int64_t N = value.size(0), M = value.size(2);
   const int64_t Q = sampling_locations.size(1);
 
   auto grad_value = at::zeros_like(value);
   auto grad_loc = at::empty_like(sampling_locations);
   auto grad_attn = at::empty_like(attention_weights);
+  // Every gradient comes back in the dtype of its input.
+  auto finish = [&]() {
+    return std::make_tuple(grad_value.to(value_.scalar_type()), grad_loc.to(sampling_locations_.scalar_type()),
+                           grad_attn.to(attention_weights_.scalar_type()));
+  };
   if (grad_attn.numel() == 0 || value.numel() == 0) {
     grad_loc.zero_();
     grad_attn.zero_();
-    return std::make_tuple(grad_value, grad_loc, grad_attn);
+    return finish();
   }
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     auto a = make_args<scalar_t>(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
@@ -556,7 +565,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       at::sum_out(grad_value, buffers, {0});
     }
   });
-  return std::make_tuple(grad_value, grad_loc, grad_attn);
+  return finish();
 }
 
 }  // namespace d2detr

@@ -24,10 +24,19 @@
 //     64-bit otherwise. No im2col_step: any N, Q, D.
 //   * Levels whose (H, W, start) do not fit in value (S) contribute zeros
 //     instead of reading out of bounds (checked on the device, no host sync).
-//   * dtypes: value float32 / float16 / bfloat16 (and float64, for gradcheck);
-//     attention_weights in the value dtype or float32; sampling_locations
-//     float32 (float64 also accepted when value is float64). Gradients come
-//     back in each input's own dtype.
+//   * dtypes (ms_deform_attn.h, "Dtypes"): the kernels read value as float32 /
+//     float16 / bfloat16 (and float64, for gradcheck; any other floating dtype
+//     is converted to float32), attention_weights in value's dtype or float32,
+//     sampling_locations in float32 (float64 with a float64 value). Inputs in
+//     other dtypes (model.half() gives float16 locations) are converted first;
+//     the output has value's dtype, each gradient its input's dtype.
+//   * grad_value is summed with atomics, so the backward raises PyTorch's
+//     non-determinism alert under torch.use_deterministic_algorithms(True), as
+//     grid_sample's CUDA backward does.
+//   * A GPU the library has no kernel image for (TORCH_CUDA_ARCH_LIST without
+//     its architecture and no PTX that JIT-compiles for it) raises
+//     NotImplementedError naming it; the Python wrapper then falls back to the
+//     reference with its one-time warning.
 
 #include "ms_deform_attn.h"
 
@@ -101,9 +110,11 @@ __device__ __forceinline__ bool make_corners(acc_t x, acc_t y, const Level<index
                                              Corners<acc_t, index_t>& c) {
   const acc_t Wf = static_cast<acc_t>(lv.W);
   const acc_t Hf = static_cast<acc_t>(lv.H);
-  // Written so that NaN fails the test. Outside (-1, W) x (-1, H) every corner
-  // is out of bounds (or has weight 0), exactly as grid_sample's zero padding.
-  if (!(lv.ok && x > acc_t(-1) && y > acc_t(-1) && x < Wf && y < Hf)) return false;
+  // Written so that NaN fails the test. Outside [-1, W) x [-1, H) every corner
+  // is out of bounds, exactly as grid_sample's zero padding. x = -1 (or y = -1)
+  // itself is inside, as in grid_sample and the CPU kernel: the forward is 0
+  // there (the in-map corner has weight 0) but dL/dx is not.
+  if (!(lv.ok && x >= acc_t(-1) && y >= acc_t(-1) && x < Wf && y < Hf)) return false;
   const acc_t xf = floor_(x);
   const acc_t yf = floor_(y);
   const index_t x0 = static_cast<index_t>(xf);  // in [-1, W-1]
@@ -348,21 +359,37 @@ __global__ void __launch_bounds__(kThreads, 3) ms_deform_attn_backward_kernel(
 // check_ms_deform_attn_inputs (ms_deform_attn.h). check_values=false: reading
 // spatial_shapes / level_start_index back would synchronise the stream on every
 // call; instead the kernels treat a level that does not fit in value as zeros
-// (no out-of-bounds access whatever the values). Here: the CUDA dtype policy.
-void check_cuda_dtypes(const at::Tensor& value, const at::Tensor& sampling_locations,
-                       const at::Tensor& attention_weights, const char* name) {
+// (no out-of-bounds access whatever the values).
+void check_cuda_device(const at::Tensor& value, const char* name) {
   TORCH_CHECK_VALUE(value.is_cuda(), name, ": CUDA kernel called with tensors on ", value.device());
-  const auto vt = value.scalar_type();
-  TORCH_CHECK_TYPE(vt == at::kFloat || vt == at::kHalf || vt == at::kBFloat16 || vt == at::kDouble,
-                   name, ": the CUDA kernel supports value of dtype float32, float16, bfloat16 or "
-                   "float64, got ", vt);
-  const auto wt = attention_weights.scalar_type();
-  TORCH_CHECK_TYPE(wt == vt || wt == at::kFloat || vt == at::kDouble, name,
-                   ": attention_weights must have the dtype of value (", vt, ") or float32, got ", wt);
-  const auto lt = sampling_locations.scalar_type();
-  TORCH_CHECK_TYPE(lt == at::kFloat || vt == at::kDouble, name,
-                   ": sampling_locations must be float32 (kept in float32 for every value dtype "
-                   "but float64), got ", lt);
+}
+
+// The dtypes the kernels read (ms_deform_attn.h, "Dtypes").
+at::ScalarType kernel_value_type(at::ScalarType vt) {
+  return (vt == at::kFloat || vt == at::kHalf || vt == at::kBFloat16 || vt == at::kDouble) ? vt : at::kFloat;
+}
+at::ScalarType kernel_loc_type(at::ScalarType kvt) { return kvt == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType kernel_weight_type(at::ScalarType kvt, at::ScalarType wt) {
+  return kvt == at::kDouble ? at::kDouble : (wt == kvt ? kvt : at::kFloat);
+}
+
+// Checks a kernel launch. A library built without this GPU's architecture (and
+// without PTX the driver can compile for it) fails every launch with "no kernel
+// image": say so as NotImplementedError, which ms_deform_attn (Python) turns into
+// a fallback to the reference. The message is matched there: keep them in sync.
+void check_launch(const char* name) {
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction) {
+    const int dev = c10::cuda::current_device();
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    TORCH_CHECK_NOT_IMPLEMENTED(false, name, ": d2detr._C has no CUDA kernel image for this GPU (compute capability ",
+                                major, ".", minor, ", ", cudaGetErrorString(err),
+                                "); rebuild it with TORCH_CUDA_ARCH_LIST=\"", major, ".", minor,
+                                "\" (or unset, to build for the visible GPU)");
+  }
+  C10_CUDA_CHECK(err);
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -423,25 +450,26 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
                                        const at::Tensor& attention_weights) {
   check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                               attention_weights, /*check_values=*/false);
-  check_cuda_dtypes(value, sampling_locations, attention_weights, "ms_deform_attn");
+  check_cuda_device(value, "ms_deform_attn");
   c10::cuda::CUDAGuard device_guard(value.device());
   const Dims d = get_dims(value, sampling_locations);
-  auto out = at::empty({d.N, d.Q, d.M * d.D}, value.options());
-  if (out.numel() == 0) return out;
-  if (value.numel() == 0 || d.L * d.P == 0) return out.zero_();
+  const auto kvt = kernel_value_type(value.scalar_type());
+  auto out = at::empty({d.N, d.Q, d.M * d.D}, value.options().dtype(kvt));
+  if (out.numel() == 0) return out.to(value.scalar_type());
+  if (value.numel() == 0 || d.L * d.P == 0) return out.zero_().to(value.scalar_type());
   TORCH_CHECK(d.L * d.P * 2 <= std::numeric_limits<int>::max(),
               "ms_deform_attn: too many levels x points");
 
-  const auto value_c = value.contiguous();
+  const auto value_c = value.to(kvt).contiguous();
   const auto shapes_c = spatial_shapes.to(value.device()).contiguous();
   const auto start_c = level_start_index.to(value.device()).contiguous();
-  const bool f64 = value.scalar_type() == at::kDouble;
-  const auto loc_c = (f64 ? sampling_locations.to(at::kDouble) : sampling_locations).contiguous();
-  const auto attn_c = (f64 ? attention_weights.to(at::kDouble) : attention_weights).contiguous();
+  const auto loc_c = sampling_locations.to(kernel_loc_type(kvt)).contiguous();
+  const auto attn_c =
+      attention_weights.to(kernel_weight_type(kvt, attention_weights.scalar_type())).contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::ScalarType::Half, at::ScalarType::BFloat16, value.scalar_type(),
+      at::ScalarType::Half, at::ScalarType::BFloat16, kvt,
       "ms_deform_attn_forward_cuda", [&] {
         dispatch_weight_loc<scalar_t>(
             attn_c.scalar_type(), [&](auto wtag, auto ltag) {
@@ -466,12 +494,12 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
                         static_cast<index_t>(d.M), static_cast<index_t>(d.D),
                         static_cast<int>(d.L), static_cast<int>(d.P),
                         static_cast<index_t>(chunks), total);
-                C10_CUDA_KERNEL_LAUNCH_CHECK();
+                check_launch("ms_deform_attn");
               };
               dispatch_vec_index<scalar_t>(vec, small, launch);
             });
       });
-  return out;
+  return out.to(value.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
@@ -481,14 +509,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   check_ms_deform_attn_backward_inputs(value, spatial_shapes, level_start_index,
                                        sampling_locations, attention_weights, grad_output,
                                        /*check_values=*/false);
-  check_cuda_dtypes(value, sampling_locations, attention_weights, "ms_deform_attn_backward");
+  check_cuda_device(value, "ms_deform_attn_backward");
+  // grad_value is summed with atomicAdd: the order (so the last bits) varies.
+  at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
   c10::cuda::CUDAGuard device_guard(value.device());
   const Dims d = get_dims(value, sampling_locations);
 
-  const auto value_c = value.contiguous();
-  const bool f64 = value.scalar_type() == at::kDouble;
-  const auto loc_c = (f64 ? sampling_locations.to(at::kDouble) : sampling_locations).contiguous();
-  const auto attn_c = (f64 ? attention_weights.to(at::kDouble) : attention_weights).contiguous();
+  const auto kvt = kernel_value_type(value.scalar_type());
+  const bool f64 = kvt == at::kDouble;
+  const auto value_c = value.to(kvt).contiguous();
+  const auto loc_c = sampling_locations.to(kernel_loc_type(kvt)).contiguous();
+  const auto attn_c =
+      attention_weights.to(kernel_weight_type(kvt, attention_weights.scalar_type())).contiguous();
   auto grad_loc = at::empty(loc_c.sizes(), loc_c.options());
   auto grad_attn = at::empty(attn_c.sizes(), attn_c.options());
   auto grad_value_acc =
@@ -510,13 +542,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   TORCH_CHECK(d.L * d.P * 2 <= std::numeric_limits<int>::max(),
               "ms_deform_attn: too many levels x points");
 
-  const auto go_c = grad_output.to(value.scalar_type()).contiguous();
+  const auto go_c = grad_output.to(kvt).contiguous();
   const auto shapes_c = spatial_shapes.to(value.device()).contiguous();
   const auto start_c = level_start_index.to(value.device()).contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::ScalarType::Half, at::ScalarType::BFloat16, value.scalar_type(),
+      at::ScalarType::Half, at::ScalarType::BFloat16, kvt,
       "ms_deform_attn_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         dispatch_weight_loc<scalar_t>(
@@ -548,7 +580,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
                         static_cast<index_t>(d.M), static_cast<index_t>(d.D),
                         static_cast<int>(d.L), static_cast<int>(d.P),
                         static_cast<index_t>(chunks), group_log2, total);
-                C10_CUDA_KERNEL_LAUNCH_CHECK();
+                check_launch("ms_deform_attn_backward");
               };
               dispatch_vec_index<scalar_t>(vec, small, launch);
             });

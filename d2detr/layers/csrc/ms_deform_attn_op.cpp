@@ -184,7 +184,9 @@ namespace {
 
 // ---------------------------------------------------------------------------
 // Meta kernels (shape inference for FakeTensor: torch.compile, torch.export).
-// Symbolic sizes throughout, so dynamic shapes work.
+// Symbolic sizes throughout, so dynamic shapes work. Dtypes follow the policy
+// every backend implements (ms_deform_attn.h): any floating dtypes, the output
+// in value's dtype, each gradient in its input's dtype.
 // ---------------------------------------------------------------------------
 at::Tensor ms_deform_attn_meta(
     const at::Tensor& value,
@@ -250,8 +252,13 @@ at::Tensor ms_deform_attn_autograd(
 }
 
 // ---------------------------------------------------------------------------
-// Autocast: the op runs in float32 (float64 inputs are left alone), like
-// Deformable DETR's fp32 policy for its CUDA op; the result stays float32.
+// Autocast: sampling_locations and attention_weights are cast to float32 (a
+// float16 location is off by up to 1/16 pixel on a 128-pixel level), value keeps
+// its dtype: under autocast it is value_proj's output, already float16 /
+// bfloat16, so the kernels read half the bytes and autograd saves a half-size
+// value; they accumulate in float32 and return value's dtype. float64 inputs are
+// left alone (autocast never touches them). Deformable DETR's own policy (the
+// whole op in float32) is MultiScaleDeformableAttention(compute_in_float32=True).
 // ---------------------------------------------------------------------------
 template <c10::DispatchKey autocast_key, c10::DeviceType device_type>
 at::Tensor ms_deform_attn_autocast(
@@ -261,8 +268,8 @@ at::Tensor ms_deform_attn_autocast(
     const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
-  return ms_deform_attn(at::autocast::cached_cast(at::kFloat, value, device_type), spatial_shapes,
-                        level_start_index, at::autocast::cached_cast(at::kFloat, sampling_locations, device_type),
+  return ms_deform_attn(value, spatial_shapes, level_start_index,
+                        at::autocast::cached_cast(at::kFloat, sampling_locations, device_type),
                         at::autocast::cached_cast(at::kFloat, attention_weights, device_type));
 }
 

@@ -23,6 +23,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
 from d2detr.layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from d2detr.layers.dynamic_shapes import num_selected
 
 __all__ = ["DETRBase", "aux_outputs_list", "init_focal_heads"]
 
@@ -222,7 +223,7 @@ class DETRBase(nn.Module):
         B, Q, C = logits.shape
         if self.use_focal:
             prob = logits.sigmoid().flatten(1)
-            k = min(self.select_box_nums_for_evaluation, Q * C)
+            k = num_selected(self.select_box_nums_for_evaluation, prob, 1)
             scores, idx = prob.topk(k, dim=1)
             query = torch.div(idx, C, rounding_mode="floor")
             labels = idx % C

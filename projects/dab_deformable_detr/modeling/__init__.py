@@ -1,5 +1,4 @@
 """DAB-Deformable-DETR (Liu et al., ICLR 2022) as a d2detr project: ``d2detr.projects.dab_deformable_detr``."""
 from .dab_deformable_detr import DABDeformableDETR
-from .transformer import DabDeformableDecoder, DabDeformableDetrTransformer
 
-__all__ = ["DABDeformableDETR", "DabDeformableDecoder", "DabDeformableDetrTransformer"]
+__all__ = ["DABDeformableDETR"]

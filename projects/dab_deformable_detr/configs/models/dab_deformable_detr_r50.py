@@ -7,17 +7,13 @@ dropout 0, ReLU, 300 queries, iterative box refinement; sigmoid focal loss (alph
 encoder and positional encoding (offset -0.5, temperature 10000) are Deformable DETR's, so
 this file starts from Deformable DETR's model config and changes only what differs.
 """
-from d2detr.projects.dab_deformable_detr.modeling import (
-    DABDeformableDETR,
-    DabDeformableDecoder,
-    DabDeformableDetrTransformer,
-)
+from d2detr.modeling.deformable_transformer import AnchorDeformableDecoder
+from d2detr.projects.dab_deformable_detr.modeling import DABDeformableDETR
 
-from ....deformable_detr.configs.models.deformable_detr_r50 import model
+from .....configs.common.models.deformable_r50 import model
 
 model._target_ = DABDeformableDETR
-model.transformer._target_ = DabDeformableDetrTransformer
-model.transformer.decoder._target_ = DabDeformableDecoder
+model.transformer.decoder._target_ = AnchorDeformableDecoder
 model.transformer.decoder.embed_dim = 256
 for layer in (model.transformer.encoder.encoder_layer, model.transformer.decoder.decoder_layer):
     layer.ffn_dim = 2048
