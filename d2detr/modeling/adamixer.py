@@ -177,9 +177,10 @@ def sample_3d(pyramid: FeaturePyramid, xy: Tensor, z: Tensor, tau: float = 2.0) 
     xy = xy.permute(0, 1, 3, 2, 4).reshape(B, Q * P, G, 1, 1, 2)
     locations = xy / pyramid.mapping_size.to(xy.dtype)[None, None, None, :, None, :]
     weights = level_weights(z, pyramid.log2_strides, tau).permute(0, 1, 3, 2, 4).reshape(B, Q * P, G, L, 1)
+    # locations and weights keep their own (float32) dtype: the op accumulates in float32 and
+    # returns value's dtype, so a float16 / bfloat16 pyramid does not round the pixel positions
     out = ms_deform_attn(
-        value, pyramid.spatial_shapes, pyramid.level_start_index, locations.to(value.dtype).contiguous(),
-        weights.to(value.dtype).contiguous(),
+        value, pyramid.spatial_shapes, pyramid.level_start_index, locations.contiguous(), weights.contiguous()
     )  # [B, Q*P, G*D]
     return out.view(B, Q, P, G, -1).permute(0, 1, 3, 2, 4)
 
