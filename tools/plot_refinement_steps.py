@@ -75,6 +75,7 @@ def plot(results, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     for key, ax in zip(("AP", "AP50"), axes):
@@ -88,6 +89,7 @@ def plot(results, path):
         ax.set_ylabel(f"{key} on {results.get('dataset', 'the test set')}")
         ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower right", fontsize=9)
     fig.suptitle("AP against the number of weight-tied refinement steps at test time", fontsize=10)
