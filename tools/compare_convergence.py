@@ -52,6 +52,9 @@ METHODS = {
     "sd_detr_dfl": ("configs/neon_trees/sd_detr_mobilenetv2.py", "+ decoupled feature learning"),
     "sd_detr_taq": ("configs/neon_trees/sd_detr_mobilenetv2.py", "+ task-aware queries"),
     "sd_detr": ("configs/neon_trees/sd_detr_mobilenetv2.py", "SD-DETR (+ alignment loss)"),
+    "adamixer": ("configs/neon_trees/adamixer_mobilenetv2.py", "AdaMixer"),
+    "rnndet": ("configs/neon_trees/rnndet_mobilenetv2.py", "RNNDet"),
+    "deqdet": ("configs/neon_trees/deqdet_mobilenetv2.py", "DEQDet"),
 }
 #: Method name -> config overrides applied before the command line's (methods that share a config).
 _NO_TAQ = "model.transformer.task_aware_queries=False"
@@ -224,7 +227,8 @@ def plot(results: Dict, path: str) -> str:
     styles = {"detr": ("tab:gray", "o"), "conditional_detr": ("tab:blue", "s"), "dab_detr": ("tab:green", "^"),
               "deformable_detr": ("tab:orange", "D"), "dab_deformable_detr": ("tab:red", "v"),
               "sd_detr_baseline": ("tab:purple", "x"), "sd_detr_dfl": ("tab:purple", "+"),
-              "sd_detr_taq": ("tab:pink", "P"), "sd_detr": ("tab:brown", "*")}
+              "sd_detr_taq": ("tab:pink", "P"), "sd_detr": ("tab:brown", "*"),
+              "adamixer": ("tab:olive", "P"), "rnndet": ("tab:cyan", "X"), "deqdet": ("black", "*")}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     methods = results["methods"]
     for key, ax in zip(("AP", "AP50"), axes):

@@ -14,6 +14,10 @@ and score:
 * SD-DETR (decoupled classification / localisation cross-attention): two rows of such panels,
   the classification branch's maps above the localisation branch's (the paper's Figure 4), with
   each branch's reference point (star) and, with task-aware queries, its discriminative points.
+* AdaMixer, RNNDet, DEQDet (no cross-attention: 3D feature sampling): one panel per query with
+  the 3D sampling points of stage call --layer (a weight-tied stage counts once per step), the
+  dot colour giving the point's scale (its expected pyramid level, blue = finest), the thin box
+  the one the points were placed in.
 
 Writes <output>/<image>_attention.png and, with --save-data, <image>_attention.npz (the
 queries, their boxes, and the sampling locations in pixels and weights, or the maps).
@@ -213,6 +217,57 @@ def draw(rgb, queries, scores, classes, boxes, padded_hw, record, class_names):
     return np.concatenate(panels, axis=1), data
 
 
+# ------------------------------------------------ AdaMixer family: 3D sampling points
+def has_3d_sampling(model) -> bool:
+    from d2detr.modeling.adamixer import AdaptiveSamplingMixing
+
+    return any(isinstance(m, AdaptiveSamplingMixing) for m in model.modules())
+
+
+@torch.no_grad()
+def inspect_sampling_3d(model, image: torch.Tensor, layer: int = -1):
+    """Like :func:`inspect_image` for a model with 3D sampling: ``(scores, classes, boxes,
+    record)``, the record of stage call ``layer`` (:class:`SamplingPointsRecorder`)."""
+    from d2detr.modeling.adamixer import SamplingPointsRecorder
+
+    wrapper = ExportableDetector(model)
+    images, masks, size = wrapper.preprocess(image)
+    with SamplingPointsRecorder(model) as recorder:
+        outputs = model.forward_features(images, masks)
+    scores, classes = outputs["pred_logits"][0].float().sigmoid().max(-1)
+    h, w = size.tolist()
+    boxes = box_cxcywh_to_xyxy(outputs["pred_boxes"][0].float()) * torch.tensor([w, h, w, h])
+    return scores, classes, boxes, recorder.records[layer]
+
+
+def draw_sampling_3d(rgb, queries, scores, classes, boxes, record, class_names):
+    """One panel per query: its box and label, the box the points were placed in (thin white)
+    and its ``G x P`` sampling points coloured by their expected level; and the numbers."""
+    colors = colormap(rgb=True, maximum=1)
+    weights = record["level_weights"][0, queries].float()  # [n, G, P, L]
+    levels = weights.shape[-1]
+    expected_level = (weights * torch.arange(levels, dtype=weights.dtype)).sum(-1) / max(levels - 1, 1)
+    xy = record["xy"][0, queries].float()  # [n, G, P, 2]
+    panels = []
+    for i, q in enumerate(queries):
+        name = class_names[int(classes[q])] if int(classes[q]) < len(class_names) else str(int(classes[q]))
+        canvas = np.ascontiguousarray(_base(rgb.copy(), boxes[q].numpy(), f"q{q} {name} {float(scores[q]):.2f}",
+                                            colors[i % len(colors)]))
+        x0, y0, x1, y1 = [int(round(v)) for v in record["box"][0, q].tolist()]
+        cv2.rectangle(canvas, (x0, y0), (x1, y1), (255, 255, 255), 1, cv2.LINE_AA)
+        heat = cv2.applyColorMap((expected_level[i].reshape(-1, 1).numpy() * 255).astype(np.uint8), cv2.COLORMAP_JET)
+        for (x, y), c in zip(xy[i].reshape(-1, 2).tolist(), heat[:, 0, ::-1].tolist()):
+            cv2.circle(canvas, (int(round(x)), int(round(y))), 2, tuple(int(v) for v in c), -1, cv2.LINE_AA)
+        panels.append(canvas)
+    data = {
+        "queries": np.array(queries), "boxes": boxes[queries].numpy(), "scores": scores[queries].numpy(),
+        "sampling_points": xy.numpy(), "sampling_z": record["z"][0, queries].float().numpy(),
+        "level_weights": weights.numpy(), "strides": np.array(record["strides"]),
+        "input_boxes": record["box"][0, queries].float().numpy(),
+    }
+    return np.concatenate(panels, axis=1), data
+
+
 def main(args):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config_file, args.opts)
@@ -231,15 +286,23 @@ def main(args):
         rgb = np.ascontiguousarray(rgb)
         model_input = rgb if getattr(model, "input_format", "RGB") == "RGB" else rgb[:, :, ::-1]
         image = torch.as_tensor(np.ascontiguousarray(model_input.transpose(2, 0, 1))).to(args.device)
-        scores, classes, boxes, padded_hw, record = inspect_image(model, image, args.layer)
+        if has_3d_sampling(model):
+            scores, classes, boxes, record = inspect_sampling_3d(model, image, args.layer)
+            record = {k: v.cpu() if torch.is_tensor(v) else v for k, v in record.items()}
+        else:
+            scores, classes, boxes, padded_hw, record = inspect_image(model, image, args.layer)
         scores, classes, boxes = scores.cpu(), classes.cpu(), boxes.cpu()
         queries = args.queries or scores.topk(min(args.topk, scores.numel())).indices.tolist()
-        picture, data = draw(rgb, queries, scores, classes, boxes, padded_hw, record, class_names)
+        if has_3d_sampling(model):
+            picture, data = draw_sampling_3d(rgb, queries, scores, classes, boxes, record, class_names)
+        else:
+            picture, data = draw(rgb, queries, scores, classes, boxes, padded_hw, record, class_names)
         stem = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + "_attention")
         cv2.imwrite(stem + ".png", picture[:, :, ::-1])
+        layer_name = record["name"] if isinstance(record, dict) else record.name
         if args.save_data:
-            np.savez(stem + ".npz", layer=record.name, **data)
-        logger.info(f"{path}: queries {queries} of {record.name} -> {stem}.png")
+            np.savez(stem + ".npz", layer=layer_name, **data)
+        logger.info(f"{path}: queries {queries} of {layer_name} -> {stem}.png")
         written.append(stem + ".png")
     return written
 

@@ -3,7 +3,8 @@
 A small registry keyed by the Hugging Face config's ``model_type``
 (``"detr"``, ``"deformable_detr"``, ``"conditional_detr"``, ``"dab-detr"``), plus
 sources outside Hugging Face (``"torchvision_resnet"`` ImageNet backbones,
-``"detr_official"`` facebookresearch/detr checkpoints).
+``"detr_official"`` facebookresearch/detr checkpoints, ``"adamixer_mmdet"`` /
+``"deqdet_mmdet"`` official AdaMixer / DEQDet checkpoints).
 Each entry holds
 
 - ``convert(hf_state_dict, hf_config, **options) -> d2detr state_dict``
@@ -81,6 +82,9 @@ _BUILTIN_MODULES = {
     "detr_official": "d2detr.checkpoint.official",
     "dino_official": "d2detr.checkpoint.dino_official",
     "focus_detr_official": "d2detr.checkpoint.focus_detr_official",
+    # official mmdet checkpoints of AdaMixer (mmdet 2) and DEQDet (mmdet 3)
+    "adamixer_mmdet": "d2detr.checkpoint.mmdet_adamixer",
+    "deqdet_mmdet": "d2detr.checkpoint.mmdet_adamixer",
 }
 
 

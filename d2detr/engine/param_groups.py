@@ -10,9 +10,9 @@ built from a mapping, so configs stay serialisable (no lambdas)::
     optimizer.params.lr_factor_func = L(LrFactorByName)(
         factors={"backbone": 0.1, "sampling_offsets": 0.1, "reference_points": 0.1})
 """
-from typing import Mapping
+from typing import Callable, Dict, List, Mapping, Optional
 
-__all__ = ["LrFactorByName"]
+__all__ = ["LrFactorByName", "get_optimizer_params_with_factors"]
 
 
 class LrFactorByName:
@@ -38,3 +38,31 @@ class LrFactorByName:
 
     def __repr__(self):
         return f"LrFactorByName({self.factors})"
+
+
+def get_optimizer_params_with_factors(
+    model,
+    base_lr: float,
+    weight_decay: float,
+    lr_factor_func: Optional[Callable[[str], float]] = None,
+    weight_decay_factor_func: Optional[Callable[[str], float]] = None,
+    **kwargs,
+) -> List[Dict]:
+    """Detectron2's ``get_default_optimizer_params`` plus a per-parameter weight-decay factor
+    (``weight_decay_factor_func(param_name) -> float``, e.g. an :class:`LrFactorByName`), like
+    mmengine's ``paramwise_cfg`` ``decay_mult`` (DEQDet: its decoder at lr x4 and weight decay x10).
+    ``kwargs`` go to ``get_default_optimizer_params``."""
+    from detectron2.solver.build import get_default_optimizer_params, reduce_param_groups
+
+    groups = get_default_optimizer_params(
+        model, base_lr=base_lr, weight_decay=weight_decay, lr_factor_func=lr_factor_func, **kwargs
+    )
+    if weight_decay_factor_func is None:
+        return groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    split = []
+    for group in groups:
+        for p in group["params"]:
+            factor = float(weight_decay_factor_func(names[id(p)]))
+            split.append({**group, "params": [p], "weight_decay": group["weight_decay"] * factor})
+    return reduce_param_groups(split)

@@ -133,7 +133,11 @@ def export_torch_export(
 
 
 def read_metadata(path: str) -> Dict:
-    """The ``d2detr.json`` stored in an exported ``.ts`` / ``.pt2`` file."""
+    """The ``d2detr.json`` stored in an exported ``.ts`` / ``.pt2`` / ``.onnx`` file."""
+    if path.endswith(".onnx"):
+        from .onnx import read_onnx_metadata
+
+        return read_onnx_metadata(path)
     extra = {METADATA_FILE: ""}
     if path.endswith(".pt2"):
         torch.export.load(path, extra_files=extra)

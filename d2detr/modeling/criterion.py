@@ -26,8 +26,9 @@ class SetCriterion(nn.Module):
       ``num_classes + 1`` logits with the no-object class weighted by ``eos_coef``
       (DETR), or with ``use_focal=True`` the sigmoid focal loss over ``num_classes``
       logits summed and divided by the number of boxes (Deformable DETR).
-    - ``"boxes"`` -> ``loss_bbox`` (L1 on normalised cxcywh) and ``loss_giou``,
-      both summed over matched pairs and divided by the number of boxes.
+    - ``"boxes"`` -> ``loss_bbox`` (L1 on normalised cxcywh, or XYXY with
+      ``l1_box_format="xyxy"`` as mmdet's AdaMixer / DEQDet) and ``loss_giou``, both summed
+      over matched pairs and divided by the number of boxes.
 
     Keys get the suffix ``_{i}`` for aux output ``i`` and ``_enc`` for the encoder
     (two-stage) output. Denoising outputs (DINO: ``outputs["dn_outputs"]`` with its own
@@ -55,8 +56,12 @@ class SetCriterion(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         enc_class_agnostic: bool = True,
+        l1_box_format: str = "cxcywh",
     ):
         super().__init__()
+        if l1_box_format not in ("cxcywh", "xyxy"):
+            raise ValueError(f"l1_box_format must be 'cxcywh' or 'xyxy', got {l1_box_format!r}")
+        self.l1_box_format = l1_box_format
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
@@ -110,8 +115,12 @@ class SetCriterion(nn.Module):
         idx = self._src_permutation_idx(indices)
         src_boxes = pred[idx[0].to(pred.device), idx[1].to(pred.device)].float()
         tgt_boxes = torch.cat([t["boxes"][J] for t, (_, J) in zip(targets, indices)]).to(src_boxes)
-        loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num_boxes
-        giou = generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes))
+        src_xyxy, tgt_xyxy = box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)
+        if self.l1_box_format == "xyxy":
+            loss_bbox = F.l1_loss(src_xyxy, tgt_xyxy, reduction="none").sum() / num_boxes
+        else:
+            loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num_boxes
+        giou = generalized_box_iou(src_xyxy, tgt_xyxy)
         loss_giou = (1 - torch.diag(giou)).sum() / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
 

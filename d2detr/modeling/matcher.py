@@ -18,6 +18,9 @@ class HungarianMatcher(nn.Module):
     trailing no-object class). ``use_focal=True``: Deformable DETR's focal cost
     ``alpha (1-p)^gamma (-log p) - (1-alpha) p^gamma (-log(1-p))`` with sigmoid ``p``.
 
+    ``l1_box_format="xyxy"`` takes the L1 cost between XYXY instead of cxcywh boxes (mmdet's
+    ``BBoxL1Cost(box_format="xyxy")``, AdaMixer / DEQDet).
+
     ``forward(outputs, targets)``: ``outputs["pred_logits"] [B,Q,C(+1)]``,
     ``outputs["pred_boxes"] [B,Q,4]`` normalised cxcywh; ``targets`` a list of
     dicts with ``labels [n]`` and ``boxes [n,4]`` (normalised cxcywh). Returns one
@@ -33,10 +36,14 @@ class HungarianMatcher(nn.Module):
         use_focal: bool = False,
         alpha: float = 0.25,
         gamma: float = 2.0,
+        l1_box_format: str = "cxcywh",
     ):
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("all costs can't be 0")
+        if l1_box_format not in ("cxcywh", "xyxy"):
+            raise ValueError(f"l1_box_format must be 'cxcywh' or 'xyxy', got {l1_box_format!r}")
+        self.l1_box_format = l1_box_format
         self.cost_class = cost_class
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
@@ -62,7 +69,10 @@ class HungarianMatcher(nn.Module):
         tgt_ids = torch.cat([t["labels"] for t in targets]).to(logits.device, torch.long)
         tgt_bbox = torch.cat([t["boxes"] for t in targets]).to(out_bbox)
         cost_class = self.class_cost(logits, tgt_ids)
-        cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
+        if self.l1_box_format == "xyxy":
+            cost_bbox = torch.cdist(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox), p=1)
+        else:
+            cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))
         C = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
         return C.view(bs, nq, -1)
@@ -92,5 +102,5 @@ class HungarianMatcher(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}, "
-            f"use_focal={self.use_focal}, alpha={self.alpha}, gamma={self.gamma}"
+            f"use_focal={self.use_focal}, alpha={self.alpha}, gamma={self.gamma}, l1_box_format={self.l1_box_format}"
         )

@@ -23,7 +23,11 @@ class ChannelMapper(nn.Module):
         out_channels: the transformer width (256).
         num_outs: total output levels (>= len(in_features)); the rest are extra levels.
         kernel_size: of the per-level projection (1 in Deformable DETR).
-        norm: "GN" (GroupNorm with ``num_groups``) or "" for none (DETR's plain 1x1 conv).
+        norm: "GN" (GroupNorm with ``num_groups``) or "" for none (DETR's plain 1x1 conv), or
+            "shared_GN": one GroupNorm (``shared_norm``) applied to every output level, after the
+            activation (AdaMixer's ``ChannelMapping`` and DEQDet's ``ChannelMapperWithGN``).
+        activation: "relu" after each conv (and its per-level GroupNorm, if any) or "": DEQDet's
+            neck is a 3x3 conv + ReLU per level; the other methods have no activation.
     """
 
     def __init__(
@@ -35,6 +39,7 @@ class ChannelMapper(nn.Module):
         kernel_size: int = 1,
         norm: str = "GN",
         num_groups: int = 32,
+        activation: str = "",
     ):
         super().__init__()
         in_features = list(in_features)
@@ -44,8 +49,10 @@ class ChannelMapper(nn.Module):
         missing = [f for f in in_features if f not in input_shapes]
         if missing:
             raise ValueError(f"features {missing} not in backbone outputs {list(input_shapes)}")
-        if norm not in ("GN", ""):
-            raise ValueError(f"norm must be 'GN' or '', got {norm!r}")
+        if norm not in ("GN", "", "shared_GN"):
+            raise ValueError(f"norm must be 'GN', 'shared_GN' or '', got {norm!r}")
+        if activation not in ("", "relu"):
+            raise ValueError(f"activation must be 'relu' or '', got {activation!r}")
         self.in_features = in_features
         self.out_channels = out_channels
         self.num_outs = num_outs
@@ -54,6 +61,8 @@ class ChannelMapper(nn.Module):
             layers = [nn.Conv2d(cin, out_channels, k, stride=stride, padding=k // 2)]
             if norm == "GN":
                 layers.append(nn.GroupNorm(num_groups, out_channels))
+            if activation == "relu":
+                layers.append(nn.ReLU(inplace=True))
             return nn.Sequential(*layers)
 
         projs = [block(input_shapes[f].channels, kernel_size, 1) for f in in_features]
@@ -62,6 +71,7 @@ class ChannelMapper(nn.Module):
             projs.append(block(cin, 3, 2))
             cin = out_channels
         self.input_proj = nn.ModuleList(projs)
+        self.shared_norm = nn.GroupNorm(num_groups, out_channels) if norm == "shared_GN" else None
 
         strides = [input_shapes[f].stride for f in in_features]
         for _ in range(num_outs - len(in_features)):
@@ -90,4 +100,6 @@ class ChannelMapper(nn.Module):
         for i in range(n, self.num_outs):
             last = self.input_proj[i](last)
             outs.append(last)
+        if self.shared_norm is not None:
+            outs = [self.shared_norm(o) for o in outs]
         return outs

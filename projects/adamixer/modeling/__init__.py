@@ -1,0 +1,3 @@
+from .adamixer import AdaMixer
+
+__all__ = ["AdaMixer"]

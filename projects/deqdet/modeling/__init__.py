@@ -1,0 +1,4 @@
+from .deqdet import DEQDet
+from .in_loss_backward import in_loss_backward_step
+
+__all__ = ["DEQDet", "in_loss_backward_step"]

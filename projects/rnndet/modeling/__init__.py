@@ -1,0 +1,3 @@
+from .rnndet import RNNDet
+
+__all__ = ["RNNDet"]
