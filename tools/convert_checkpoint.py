@@ -16,10 +16,15 @@ their keys: ``torchvision_resnet`` (ImageNet ResNets -> backbone weights for
 
 OUTPUT.pth holds ``{"model": state_dict, "__author__": "d2detr", "overrides": {...}}``
 and loads with Detectron2's ``DetectionCheckpointer`` (``train.init_checkpoint=OUTPUT.pth``).
-The tool prints the config overrides that build the matching model, e.g.::
+The ``overrides`` are the config overrides that build the checkpoint's model (number of
+queries, layers, backbone depth, ...). ``tools/train_net.py``, ``demo.py``, ``export_model.py``
+and the other tools apply them themselves when ``train.init_checkpoint`` is that file (a key
+given on the command line wins), so no copying is needed::
 
     python tools/train_net.py --config-file projects/detr/configs/detr_r50_500ep.py \\
-        --eval-only train.init_checkpoint=detr_r50.pth model.num_classes=80 ...
+        --eval-only train.init_checkpoint=detr_r50.pth
+
+The tool also prints them, shell-quoted (``'model.backbone.out_features=[...]'``).
 
 With ``--config-file`` it also builds that config's model with the overrides
 and loads the converted weights strictly, failing on any mismatch.
@@ -41,7 +46,7 @@ from d2detr.checkpoint import (  # noqa: E402
     convert_hf_checkpoint,
     detect_model_type,
     load_hf_checkpoint,
-    overrides_to_cli,
+    overrides_to_shell,
     registered_model_types,
     save_checkpoint,
 )
@@ -105,8 +110,11 @@ def main(argv=None):
     save_checkpoint(args.output, state_dict, overrides=overrides, source=os.path.abspath(args.source),
                     model_type=model_type)
     print(f"converted {model_type}: {len(hf_sd)} tensors -> {len(state_dict)} tensors, saved to {args.output}")
-    print("config overrides for this checkpoint:")
-    print("  " + " ".join(overrides_to_cli(overrides)))
+    if overrides:
+        print(f"stored in {args.output}: {len(overrides)} config overrides that build its model; train_net.py, "
+              "demo.py, export_model.py and the other tools apply them when train.init_checkpoint is this file "
+              "(a key given on the command line wins). For reference, as shell arguments:")
+        print("  " + overrides_to_shell(overrides))
 
 
 if __name__ == "__main__":

@@ -23,10 +23,13 @@ train = dict(
     # Clip the norm of all gradients together, as DETR's --clip_max_norm 0.1.
     clip_grad=dict(enabled=True, params=dict(max_norm=0.1, norm_type=2.0)),
     # EMA of the weights, updated after every step, checkpointed and used for evaluation.
-    model_ema=dict(enabled=False, decay=0.9998),
+    # use_for_eval: evaluation, export, demo and the visualisation tools use a checkpoint's EMA
+    # weights when it has them; False selects its raw weights.
+    model_ema=dict(enabled=False, decay=0.9998, use_for_eval=True),
     checkpointer=dict(period=5000, max_to_keep=100),  # PeriodicCheckpointer
     eval_period=5000,  # COCO evaluation every N iterations (and after the last); 0: only at the end
     log_period=20,  # metrics.json, TensorBoard and the console line with ETA
+    progress_period=None,  # stdout line "iter i/max s/it ETA loss" every N iterations (None: log_period, 0: off)
     seed=-1,  # < 0: random; else every worker seeds with seed + rank
     cudnn_benchmark=False,
 )

@@ -57,6 +57,11 @@ __all__ = [
     "resolve_classes_option",
     "apply_overrides",
     "overrides_to_cli",
+    "overrides_to_shell",
+    "DetrCheckpointer",
+    "apply_checkpoint_overrides",
+    "read_checkpoint_overrides",
+    "use_ema_weights",
 ]
 
 StateDict = Dict[str, torch.Tensor]
@@ -404,5 +409,22 @@ def apply_overrides(cfg, overrides: Dict[str, Any]):
 
 
 def overrides_to_cli(overrides: Dict[str, Any]):
-    """``{"model.num_queries": 100}`` -> ``["model.num_queries=100"]`` for ``train_net.py``."""
+    """``{"model.num_queries": 100}`` -> ``["model.num_queries=100"]``: ``train_net.py``'s argv
+    items (each one argument; :func:`overrides_to_shell` quotes them for a shell)."""
     return [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in overrides.items()]
+
+
+def overrides_to_shell(overrides: Dict[str, Any]) -> str:
+    """The overrides as one shell-safe string: ``model.backbone.out_features=['res3', 'res4']``
+    is quoted so that a shell passes it as one argument."""
+    import shlex
+
+    return " ".join(shlex.quote(item) for item in overrides_to_cli(overrides))
+
+
+from .loading import (  # noqa: E402  (uses nothing above; re-exported for d2detr.checkpoint users)
+    DetrCheckpointer,
+    apply_checkpoint_overrides,
+    read_checkpoint_overrides,
+    use_ema_weights,
+)

@@ -9,8 +9,8 @@ when ``train.device`` is ``"cpu"``).
 Config keys read here (``cfg.train``; see ``configs/common/train.py``): ``output_dir``,
 ``init_checkpoint``, ``max_iter``, ``device``, ``amp.enabled``, ``amp.dtype``,
 ``ddp.*``, ``clip_grad.enabled``, ``clip_grad.params.{max_norm,norm_type}``,
-``model_ema.enabled``, ``model_ema.decay``, ``checkpointer.{period,max_to_keep}``,
-``eval_period``, ``log_period``, ``seed``; plus ``cfg.model``, ``cfg.optimizer``
+``model_ema.enabled``, ``model_ema.decay``, ``model_ema.use_for_eval``,
+``checkpointer.{period,max_to_keep}``, ``eval_period``, ``log_period``, ``progress_period``, ``seed``; plus ``cfg.model``, ``cfg.optimizer``
 (``params.model`` is filled in), ``cfg.lr_multiplier``, ``cfg.dataloader.{train,test,evaluator}``.
 """
 import logging
@@ -25,8 +25,11 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from omegaconf import OmegaConf
 
+from d2detr.checkpoint import DetrCheckpointer, apply_checkpoint_overrides, overrides_to_shell, use_ema_weights
+
 from .ema import ModelEMA
 from .launch import launch
+from .progress import ProgressHook
 from .trainer import DetrTrainer
 
 import d2detr.data  # noqa: F401,E402  registers the built-in datasets (neon_trees_*) for any config
@@ -36,6 +39,7 @@ __all__ = [
     "setup",
     "build_model_ema",
     "build_trainer",
+    "build_progress_hook",
     "do_test",
     "do_train",
     "main",
@@ -54,18 +58,30 @@ def _get(cfg, dotted: str, default=None):
     return node
 
 
-def load_config(args):
-    """``LazyConfig.load(args.config_file)`` with the ``key=value`` overrides applied."""
+def _load_config(args, log: bool):
     cfg = LazyConfig.load(args.config_file)
-    return LazyConfig.apply_overrides(cfg, args.opts)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    return cfg, apply_checkpoint_overrides(cfg, args.opts, log=log)
+
+
+def load_config(args):
+    """``LazyConfig.load(args.config_file)`` with the ``key=value`` overrides applied, and the
+    overrides stored in ``train.init_checkpoint`` (a converted checkpoint) where the command line
+    does not set the key (:func:`d2detr.checkpoint.apply_checkpoint_overrides`)."""
+    return _load_config(args, log=True)[0]
 
 
 def setup(args):
     """Loads the config and runs Detectron2's ``default_setup`` (logging, seed,
     config.yaml); d2detr's own loggers go to the same console and log file."""
-    cfg = load_config(args)
+    cfg, stored = _load_config(args, log=False)
     default_setup(cfg, args)
     setup_logger(_get(cfg, "train.output_dir"), distributed_rank=comm.get_rank(), name="d2detr")
+    if stored:
+        logger.info(
+            f"{cfg.train.init_checkpoint}: applied {len(stored)} config overrides stored in the checkpoint "
+            f"(keys given on the command line keep their value): {overrides_to_shell(stored)}"
+        )
     return cfg
 
 
@@ -103,13 +119,23 @@ def build_trainer(cfg, model, data_loader, optimizer, model_ema=None) -> DetrTra
     )
 
 
+def build_progress_hook(cfg) -> Optional[ProgressHook]:
+    """The stdout progress line every ``train.progress_period`` iterations (default
+    ``train.log_period``; 0: none)."""
+    period = _get(cfg, "train.progress_period", None)
+    if period is None:
+        period = _get(cfg, "train.log_period", 20)
+    return ProgressHook(cfg.train.max_iter, int(period)) if period else None
+
+
 def _checkpointables(model_ema):
     return {"model_ema": model_ema} if model_ema is not None else {}
 
 
 def do_test(cfg, model, model_ema: Optional[ModelEMA] = None):
-    """Evaluates ``model`` (with the EMA weights when ``model_ema`` is given) on
-    ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``; returns the results."""
+    """Evaluates ``model`` (with the EMA weights when ``model_ema`` is given, unless
+    ``train.model_ema.use_for_eval=False``) on ``cfg.dataloader.test`` with
+    ``cfg.dataloader.evaluator``; returns the results."""
     if "evaluator" not in cfg.dataloader:
         return {}
     evaluator_cfg = cfg.dataloader.evaluator
@@ -120,7 +146,7 @@ def do_test(cfg, model, model_ema: Optional[ModelEMA] = None):
         )
     evaluator = instantiate(evaluator_cfg)
     data_loader = instantiate(cfg.dataloader.test)
-    if model_ema is not None:
+    if model_ema is not None and use_ema_weights(cfg):
         with model_ema.apply_to(model):
             ret = inference_on_dataset(model, data_loader, evaluator)
     else:
@@ -166,6 +192,7 @@ def do_train(args, cfg) -> DetrTrainer:
                 if comm.is_main_process()
                 else None
             ),
+            build_progress_hook(cfg) if comm.is_main_process() else None,
         ]
     )
 
@@ -183,17 +210,16 @@ def do_train(args, cfg) -> DetrTrainer:
 
 
 def _eval_only(args, cfg):
+    """Evaluates ``train.init_checkpoint`` (``--resume``: the last checkpoint of
+    ``train.output_dir``) with its EMA weights when it has them (:class:`DetrCheckpointer`)."""
     model = instantiate(cfg.model)
     model.to(_device(cfg))
     model = create_ddp_model(model, **_ddp_kwargs(cfg))
-    model_ema = build_model_ema(cfg, model)
-    DetectionCheckpointer(model, cfg.train.output_dir, **_checkpointables(model_ema)).resume_or_load(
-        cfg.train.init_checkpoint, resume=args.resume
-    )
-    if model_ema is not None and model_ema.num_updates == 0:
-        logger.warning("train.model_ema.enabled, but the checkpoint has no EMA: evaluating its weights.")
-        model_ema = None
-    return do_test(cfg, model, model_ema)
+    checkpointer = DetrCheckpointer(model, cfg.train.output_dir, use_ema=use_ema_weights(cfg))
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    if checkpointer.loaded_weights != "ema" and _get(cfg, "train.model_ema.enabled", False) and use_ema_weights(cfg):
+        logger.warning("train.model_ema.enabled, but the checkpoint has no EMA weights: evaluating its weights.")
+    return do_test(cfg, model)
 
 
 def main(args):

@@ -8,9 +8,10 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from torch import nn
+
+from d2detr.checkpoint.loading import DetrCheckpointer, apply_checkpoint_overrides, use_ema_weights
 
 __all__ = ["load_config", "build_model", "dataset_class_names", "read_image", "IMAGE_EXTENSIONS", "list_images"]
 
@@ -20,10 +21,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def load_config(config_file: str, opts: Sequence[str] = ()):
-    """``LazyConfig.load`` + ``key=value`` overrides. Works with a full training config
+    """``LazyConfig.load`` + ``key=value`` overrides, plus the overrides stored in the checkpoint
+    ``train.init_checkpoint`` (a converted one; the command line's keys win, see
+    :func:`d2detr.checkpoint.apply_checkpoint_overrides`). Works with a full training config
     (``model``, ``dataloader``, ``train``, ...) or a model-only config (``model``)."""
     cfg = LazyConfig.load(config_file)
-    return LazyConfig.apply_overrides(cfg, list(opts))
+    cfg = LazyConfig.apply_overrides(cfg, list(opts))
+    apply_checkpoint_overrides(cfg, list(opts))
+    return cfg
 
 
 def _get(cfg, dotted: str, default=None):
@@ -40,12 +45,13 @@ def _get(cfg, dotted: str, default=None):
 
 def build_model(cfg, device: str = "cpu", weights: Optional[str] = None) -> nn.Module:
     """Instantiates ``cfg.model`` in eval mode on ``device`` and loads ``weights`` (default:
-    ``cfg.train.init_checkpoint`` when the config has one) with Detectron2's checkpointer."""
+    ``cfg.train.init_checkpoint`` when the config has one) with :class:`DetrCheckpointer`: the
+    checkpoint's EMA weights when it has them, unless ``train.model_ema.use_for_eval=False``."""
     model = instantiate(cfg.model)
     model.to(device).eval()
     weights = weights if weights is not None else _get(cfg, "train.init_checkpoint", "")
     if weights:
-        DetectionCheckpointer(model).load(weights)
+        DetrCheckpointer(model, use_ema=use_ema_weights(cfg)).load(weights)
     else:
         logger.warning("no checkpoint given (train.init_checkpoint=...): the model has its initial weights")
     return model
