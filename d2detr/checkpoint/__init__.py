@@ -410,8 +410,26 @@ def apply_overrides(cfg, overrides: Dict[str, Any]):
 
 def overrides_to_cli(overrides: Dict[str, Any]):
     """``{"model.num_queries": 100}`` -> ``["model.num_queries=100"]``: ``train_net.py``'s argv
-    items (each one argument; :func:`overrides_to_shell` quotes them for a shell)."""
-    return [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in overrides.items()]
+    items in the override grammar ``LazyConfig.apply_overrides`` parses (Hydra's: strings in
+    double quotes, ``[...]`` lists, ``true``/``false``/``null``); each is one argument,
+    :func:`overrides_to_shell` quotes them for a shell."""
+    return [f"{k}={_override_value(v)}" for k, v in overrides.items()]
+
+
+def _override_value(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):  # Hydra has no tuples: the config gets a list either way
+        return "[" + ", ".join(_override_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_override_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, float) and value != value:
+        return "nan"
+    return repr(value)
 
 
 def overrides_to_shell(overrides: Dict[str, Any]) -> str:
