@@ -98,8 +98,9 @@ def test_stored_override_missing_from_config_is_an_error(converted):
 
 
 def test_demo_and_train_net_apply_stored_overrides(converted, tmp_path, monkeypatch):
-    """demo.py (its loader) and train_net.py --eval-only run the checkpoint's exact weights
-    from the plain method config + train.init_checkpoint."""
+    """demo.py runs the checkpoint's exact weights from the plain method config +
+    train.init_checkpoint; train_net.py fine-tunes from it the same way, and its checkpoints carry
+    the overrides on, so --eval-only of the fine-tuned model needs nothing else either."""
     import cv2
     import numpy as np
     from detectron2.engine import default_argument_parser
@@ -110,7 +111,7 @@ def test_demo_and_train_net_apply_stored_overrides(converted, tmp_path, monkeypa
     from d2detr.engine import main
     from d2detr.export.cli import build_model
 
-    path, _, _, state = converted
+    path, overrides, _, state = converted
     demo = load_tool("demo")
     built = []
     monkeypatch.setattr(demo, "build_model", lambda *a, **k: built.append(build_model(*a, **k)) or built[-1])
@@ -122,23 +123,34 @@ def test_demo_and_train_net_apply_stored_overrides(converted, tmp_path, monkeypa
     own = built[0].state_dict()
     assert set(own) == set(state) and all(torch.equal(own[k], v) for k, v in state.items())
 
-    # train_net.py --eval-only: a full config whose model is the plain R50 method config
+    # train_net.py: fine-tune 1 iteration from the converted checkpoint with the plain R50 method
+    # config (the toy data has 2 classes: model.num_classes=2 on the command line wins), then
+    # --eval-only the result, from the same plain config and nothing else
     register_toy_datasets(str(tmp_path / "data"))
     common = os.path.join(REPO, "configs", "common")
-    config = tmp_path / "eval.py"
+    config = tmp_path / "finetune.py"
     config.write_text(
         "import sys\n"
         f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
-        "from detectron2.config import LazyConfig\n"
+        "from detectron2.config import LazyCall as L, LazyConfig\n"
+        "from fvcore.common.param_scheduler import MultiStepParamScheduler\n"
         "from test_train_toy import register_toy_datasets\n"
         f"register_toy_datasets({str(tmp_path / 'data')!r})\n"
         f"model = LazyConfig.load({MODEL_CONFIG!r}, 'model')\n"
         f"dataloader = LazyConfig.load({os.path.join(common, 'data', 'coco_detr.py')!r}, 'dataloader')\n"
+        "dataloader.train.dataset.names = 'toy_train'\n"
         "dataloader.test.dataset.names = 'toy_val'\n"
-        "dataloader.test.num_workers = 0\n"
+        "dataloader.train.total_batch_size = 2\n"
+        "dataloader.train.num_workers = dataloader.test.num_workers = 0\n"
+        "dataloader.train.mapper.augmentation.update(min_sizes=[64], max_size=96)\n"
+        "dataloader.train.mapper.augmentation_with_crop.update(\n"
+        "    min_sizes=[64], max_size=96, crop_resize_sizes=[48], crop_size=[32, 48])\n"
         "dataloader.test.mapper.augmentation.update(min_size=64, max_size=96)\n"
+        f"optimizer = LazyConfig.load({os.path.join(common, 'optim.py')!r}, 'AdamW')\n"
+        "lr_multiplier = L(MultiStepParamScheduler)(values=[1.0], milestones=[], num_updates=1)\n"
         f"train = LazyConfig.load({os.path.join(common, 'train.py')!r}, 'train')\n"
-        f"train.update(output_dir={str(tmp_path / 'out')!r}, device='cpu')\n"
+        f"train.update(output_dir={str(tmp_path / 'out')!r}, device='cpu', max_iter=1, eval_period=0,\n"
+        "             checkpointer=dict(period=100, max_to_keep=1))\n"
     )
     seen = []
     original = defaults.inference_on_dataset
@@ -148,9 +160,17 @@ def test_demo_and_train_net_apply_stored_overrides(converted, tmp_path, monkeypa
         return original(model, loader, evaluator)
 
     monkeypatch.setattr(defaults, "inference_on_dataset", spy)
-    args = default_argument_parser().parse_args(
-        ["--config-file", str(config), "--eval-only", f"train.init_checkpoint={path}"])
-    assert "bbox" in main(args)
-    assert set(seen[0]) == set(state) and all(torch.equal(seen[0][k], v) for k, v in state.items())
+    parse = default_argument_parser().parse_args
+    main(parse(["--config-file", str(config), f"train.init_checkpoint={path}", "model.num_classes=2"]))
     with open(tmp_path / "out" / "log.txt") as f:
-        assert "config overrides stored in the checkpoint" in f.read()
+        log = f.read()
+    assert f"applied {len(overrides) - 1} config overrides stored in the checkpoint" in log
+    final = torch.load(tmp_path / "out" / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["overrides"] == dict(overrides, **{"model.num_classes": 2})  # what built this model
+    tuned = final["model"]
+    assert tuned["class_embed.0.weight"].shape[0] == 2
+    assert all(tuned[k].shape == v.shape for k, v in state.items() if not k.startswith("class_embed"))
+
+    final_path = str(tmp_path / "out" / "model_final.pth")
+    assert "bbox" in main(parse(["--config-file", str(config), "--eval-only", f"train.init_checkpoint={final_path}"]))
+    assert set(seen[-1]) == set(tuned) and all(torch.equal(seen[-1][k], v) for k, v in tuned.items())

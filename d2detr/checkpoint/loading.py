@@ -59,17 +59,27 @@ class DetrCheckpointer(DetectionCheckpointer):
     when the file has them (``"model_ema"``) and ``use_ema`` is true.
 
     Everything else is Detectron2's: file formats (d2detr/Detectron2 ``.pth``, model-zoo
-    ``.pkl``, URLs), ``module.`` prefixes, shape checks and the incompatible-keys report. Use it
-    for inference only; training and ``--resume`` keep using the raw weights
-    (``DetectionCheckpointer``) and restore the EMA as a checkpointable.
+    ``.pkl``, URLs), ``module.`` prefixes, shape checks and the incompatible-keys report.
+    ``use_ema=None`` for training and ``--resume``: they load the raw weights and restore the EMA
+    as a checkpointable (``model_ema=...``).
 
-    After :meth:`load`, :attr:`loaded_weights` is ``"ema"`` or ``"model"``.
+    After :meth:`load`, :attr:`loaded_weights` is ``"ema"`` or ``"model"``. ``overrides``
+    (``{"model.num_queries": 300, ...}``) are written into every checkpoint it saves, as
+    ``tools/convert_checkpoint.py`` does: ``tools/train_net.py`` passes on those of its
+    ``train.init_checkpoint``, so a model fine-tuned from a converted checkpoint loads as that one.
     """
 
-    def __init__(self, model, save_dir: str = "", *, use_ema: bool = True, **checkpointables):
+    def __init__(self, model, save_dir: str = "", *, use_ema: Optional[bool] = True,
+                 overrides: Optional[Dict[str, Any]] = None, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
-        self.use_ema = bool(use_ema)
+        self.use_ema = use_ema  # None: the raw weights, silently (training and --resume)
+        self.overrides = dict(overrides or {})
         self.loaded_weights: Optional[str] = None
+
+    def save(self, name: str, **kwargs) -> None:
+        if self.overrides:
+            kwargs.setdefault("overrides", self.overrides)
+        super().save(name, **kwargs)
 
     def _load_file(self, filename):
         loaded = super()._load_file(filename)
@@ -85,7 +95,8 @@ class DetrCheckpointer(DetectionCheckpointer):
                 loaded["model"] = ema["state"]
                 self.loaded_weights = "ema"
                 return loaded
-            logger.info(f"{filename}: using its raw weights ({USE_EMA_KEY}=False; it has EMA weights too)")
+            if self.use_ema is not None:
+                logger.info(f"{filename}: using its raw weights ({USE_EMA_KEY}=False; it has EMA weights too)")
         self.loaded_weights = "model"
         return loaded
 

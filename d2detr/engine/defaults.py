@@ -17,7 +17,6 @@ import logging
 import os
 from typing import Optional
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import create_ddp_model, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -25,7 +24,13 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from omegaconf import OmegaConf
 
-from d2detr.checkpoint import DetrCheckpointer, apply_checkpoint_overrides, overrides_to_shell, use_ema_weights
+from d2detr.checkpoint import (
+    DetrCheckpointer,
+    apply_checkpoint_overrides,
+    overrides_to_shell,
+    read_checkpoint_overrides,
+    use_ema_weights,
+)
 
 from .ema import ModelEMA
 from .launch import launch
@@ -128,6 +133,14 @@ def build_progress_hook(cfg) -> Optional[ProgressHook]:
     return ProgressHook(cfg.train.max_iter, int(period)) if period else None
 
 
+def _stored_overrides(cfg) -> dict:
+    """The config's values of the keys ``train.init_checkpoint`` stores overrides for: saved in
+    this run's checkpoints, so that they too build their model from the plain config."""
+    keys = read_checkpoint_overrides(str(_get(cfg, "train.init_checkpoint", "") or ""))
+    values = {k: OmegaConf.select(cfg, k) for k in keys}
+    return {k: OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for k, v in values.items()}
+
+
 def _checkpointables(model_ema):
     return {"model_ema": model_ema} if model_ema is not None else {}
 
@@ -171,8 +184,9 @@ def do_train(args, cfg) -> DetrTrainer:
     model = create_ddp_model(model, **_ddp_kwargs(cfg))
     model_ema = build_model_ema(cfg, model)
     trainer = build_trainer(cfg, model, train_loader, optimizer, model_ema)
-    checkpointer = DetectionCheckpointer(
-        model, cfg.train.output_dir, trainer=trainer, **_checkpointables(model_ema)
+    checkpointer = DetrCheckpointer(
+        model, cfg.train.output_dir, use_ema=None, overrides=_stored_overrides(cfg),
+        trainer=trainer, **_checkpointables(model_ema)
     )
     trainer.register_hooks(
         [
