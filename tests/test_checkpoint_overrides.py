@@ -17,7 +17,6 @@ pytest.importorskip("timm")
 from detectron2.config import LazyConfig  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from d2detr.engine import unwrap_model  # noqa: E402
 from helpers import run_convert_checkpoint  # noqa: E402
 from test_convert_deformable_detr import MODEL_CONFIG, build_hf_model  # noqa: E402
 
@@ -105,9 +104,9 @@ def test_demo_and_train_net_apply_stored_overrides(converted, tmp_path, monkeypa
     import numpy as np
     from detectron2.engine import default_argument_parser
     from test_train_toy import register_toy_datasets
-    from test_trained_model_paths import load_tool
+    from test_tools import load_tool
+    from test_trained_model_paths import spy_evaluated_weights
 
-    import d2detr.engine.defaults as defaults
     from d2detr.engine import main
     from d2detr.export.cli import build_model
 
@@ -152,14 +151,7 @@ def test_demo_and_train_net_apply_stored_overrides(converted, tmp_path, monkeypa
         f"train.update(output_dir={str(tmp_path / 'out')!r}, device='cpu', max_iter=1, eval_period=0,\n"
         "             checkpointer=dict(period=100, max_to_keep=1))\n"
     )
-    seen = []
-    original = defaults.inference_on_dataset
-
-    def spy(model, loader, evaluator):
-        seen.append({k: v.clone() for k, v in unwrap_model(model).state_dict().items()})
-        return original(model, loader, evaluator)
-
-    monkeypatch.setattr(defaults, "inference_on_dataset", spy)
+    seen = spy_evaluated_weights(monkeypatch)
     parse = default_argument_parser().parse_args
     main(parse(["--config-file", str(config), f"train.init_checkpoint={path}", "model.num_classes=2"]))
     with open(tmp_path / "out" / "log.txt") as f:

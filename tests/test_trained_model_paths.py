@@ -11,7 +11,6 @@ trained for a few iterations with a weight EMA through ``d2detr.engine.main`` (t
 * the training printed its progress line (iteration/max, s/it, ETA, loss) with logging off.
 """
 import contextlib
-import importlib.util
 import io
 import json
 import logging
@@ -25,6 +24,9 @@ import numpy as np
 import pytest
 import torch
 
+from test_tools import load_tool
+from test_train_net import _args
+
 from d2detr.engine import main, unwrap_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,58 +35,39 @@ PROGRESS_PERIOD = 4
 DEMO_SCALE = 4  # the demo input is a validation tile upscaled 4x (192 x 256 px)
 
 
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _args(config, *opts, resume=False, eval_only=False):
-    from detectron2.engine import default_argument_parser
-
-    argv = ["--config-file", config] + (["--resume"] if resume else []) + (["--eval-only"] if eval_only else [])
-    return default_argument_parser().parse_args(argv + list(opts))
-
-
 def _write_config(tmp_path):
-    common = os.path.join(REPO, "configs", "common")
-    text = f"""
-import sys
-sys.path.insert(0, {os.path.join(REPO, "tests")!r})
-from detectron2.config import LazyCall as L, LazyConfig
-from fvcore.common.param_scheduler import MultiStepParamScheduler
-from test_train_toy import register_toy_datasets
+    """test_train_net's real Deformable DETR config (configs/common data, optimizer, train) on
+    the toy data, with a weight EMA, a test resize that is neither demo.py's old 800/1333 nor the
+    identity, and a progress line every PROGRESS_PERIOD iterations."""
+    from test_train_net import _write_real_config
 
-register_toy_datasets({str(tmp_path / "data")!r})
-model = LazyConfig.load({os.path.join(REPO, "projects/deformable_detr/configs/models/deformable_detr_mobilenetv2.py")!r}, "model")
-model.backbone.pretrained = False
-model.num_classes = 2
-model.num_queries = 10
+    path = _write_real_config(tmp_path)
+    with open(path, "a") as f:
+        f.write(f"""
 model.select_box_nums_for_evaluation = 10
-model.transformer.encoder.num_layers = model.transformer.decoder.num_layers = 1
-dataloader = LazyConfig.load({os.path.join(common, "data", "coco_detr.py")!r}, "dataloader")
-dataloader.train.dataset.names = "toy_train"
-dataloader.test.dataset.names = "toy_val"
-dataloader.train.total_batch_size = 2
-dataloader.train.num_workers = dataloader.test.num_workers = 0
-dataloader.train.mapper.augmentation.min_sizes = [64]
-dataloader.train.mapper.augmentation.max_size = 128
-dataloader.train.mapper.augmentation_with_crop.update(
-    min_sizes=[64], max_size=128, crop_resize_sizes=[48], crop_size=[32, 48])
-# The test resize is neither demo.py's old 800/1333 nor the identity.
+dataloader.train.mapper.augmentation.update(min_sizes=[64], max_size=128)
 dataloader.test.mapper.augmentation.update(min_size=80, max_size=160)
-optimizer = LazyConfig.load({os.path.join(common, "optim.py")!r}, "AdamW")
 optimizer.lr = 1e-3
 lr_multiplier = L(MultiStepParamScheduler)(values=[1.0], milestones=[], num_updates={MAX_ITER})
-train = LazyConfig.load({os.path.join(common, "train.py")!r}, "train")
-train.update(output_dir={str(tmp_path / "output")!r}, max_iter={MAX_ITER}, device="cpu", seed=3, log_period=1,
-             progress_period={PROGRESS_PERIOD}, eval_period=0, checkpointer=dict(period=100, max_to_keep=1))
+train.update(max_iter={MAX_ITER}, log_period=1, progress_period={PROGRESS_PERIOD})
 train.model_ema.update(enabled=True, decay=0.6)
-"""
-    path = tmp_path / "deformable_ema.py"
-    path.write_text(text)
-    return str(path)
+""")
+    return path
+
+
+def spy_evaluated_weights(monkeypatch):
+    """A list that gets the state dict of every model ``d2detr.engine.do_test`` evaluates."""
+    import d2detr.engine.defaults as defaults
+
+    seen = []
+    original = defaults.inference_on_dataset
+
+    def spy(model, data_loader, evaluator):
+        seen.append({k: v.clone() for k, v in unwrap_model(model).state_dict().items()})
+        return original(model, data_loader, evaluator)
+
+    monkeypatch.setattr(defaults, "inference_on_dataset", spy)
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -161,17 +144,8 @@ def test_progress_hook_rejects_bad_period():
 def test_eval_only_uses_ema_weights(trained, monkeypatch, caplog, resume):
     """train_net.py --eval-only train.init_checkpoint=model_final.pth (and --resume, which reads
     last_checkpoint) evaluates the EMA weights; train.model_ema.use_for_eval=False the raw ones."""
-    import d2detr.engine.defaults as defaults
-
     config, out, ckpt, _ = trained
-    seen = []
-    original = defaults.inference_on_dataset
-
-    def spy(model, data_loader, evaluator):
-        seen.append({k: v.clone() for k, v in unwrap_model(model).state_dict().items()})
-        return original(model, data_loader, evaluator)
-
-    monkeypatch.setattr(defaults, "inference_on_dataset", spy)
+    seen = spy_evaluated_weights(monkeypatch)
     init = [] if resume else [f"train.init_checkpoint={os.path.join(out, 'model_final.pth')}"]
     with caplog.at_level(logging.INFO, logger="d2detr"):
         results = main(_args(config, *init, resume=resume, eval_only=True))

@@ -35,6 +35,7 @@ from detectron2.data import transforms as T  # noqa: E402
 from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
 from detectron2.config import instantiate  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from d2detr.export.cli import build_model, dataset_class_names, list_images, load_config  # noqa: E402
 
@@ -65,24 +66,12 @@ def get_parser():
     return parser
 
 
-def _get(cfg, dotted, default=None):
-    node = cfg
-    for key in dotted.split("."):
-        try:
-            if node is None or key not in node:
-                return default
-        except TypeError:
-            return default
-        node = node[key]
-    return node
-
-
 def score_threshold(cfg, threshold=None):
     """``(threshold, where it comes from)``: ``threshold`` when given, else the config's
     ``demo.score_threshold``, else Detectron2's 0.5."""
     source = "--confidence-threshold"
     if threshold is None:
-        threshold, source = _get(cfg, "demo.score_threshold", None), "the config's demo.score_threshold"
+        threshold, source = OmegaConf.select(cfg, "demo.score_threshold", default=None), "the config's demo.score_threshold"
     if threshold is None:
         threshold, source = DEFAULT_SCORE_THRESHOLD, "Detectron2's default"
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
@@ -103,7 +92,7 @@ def test_time_augmentations(cfg, min_size=None, max_size=None):
         if min_size < 0 or max_size <= 0:
             raise ValueError(f"--min-size must be >= 0 and --max-size > 0, got {min_size}, {max_size}")
         return [T.ResizeShortestEdge(min_size, max_size)], f"ResizeShortestEdge({min_size}, {max_size}) from the flags"
-    augs = _get(cfg, "dataloader.test.mapper.augmentation", None)
+    augs = OmegaConf.select(cfg, "dataloader.test.mapper.augmentation", default=None)
     if augs is None:
         aug = T.ResizeShortestEdge(DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE)
         return [aug], f"{aug} (the config has no dataloader.test.mapper.augmentation)"

@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from omegaconf import OmegaConf
 
 __all__ = [
     "DetrCheckpointer",
@@ -34,21 +35,9 @@ logger = logging.getLogger("d2detr")
 USE_EMA_KEY = "train.model_ema.use_for_eval"
 
 
-def _select(cfg, dotted: str, default=None):
-    node = cfg
-    for key in dotted.split("."):
-        try:
-            if node is None or key not in node:
-                return default
-        except TypeError:
-            return default
-        node = node[key]
-    return node
-
-
 def use_ema_weights(cfg) -> bool:
     """``train.model_ema.use_for_eval`` of ``cfg`` (default ``True``)."""
-    value = _select(cfg, USE_EMA_KEY, True)
+    value = OmegaConf.select(cfg, USE_EMA_KEY, default=True)
     if not isinstance(value, bool):
         raise ValueError(f"{USE_EMA_KEY} must be True or False, got {value!r}")
     return value
@@ -138,8 +127,6 @@ def _overlaps(key: str, user_key: str) -> bool:
 
 def _accepts(node, leaf: str) -> bool:
     """Whether config node ``node`` has ``leaf``, or is a ``LazyCall`` whose target takes it."""
-    from omegaconf import OmegaConf
-
     if node is None or not OmegaConf.is_config(node):
         return False
     if leaf in node:
@@ -169,12 +156,10 @@ def apply_checkpoint_overrides(
 
     Raises ``KeyError`` when a stored key does not exist in the config: the config then builds
     another model than the checkpoint's."""
-    from omegaconf import OmegaConf
-
     from . import overrides_to_shell as _shell
 
     if checkpoint is None:
-        checkpoint = _select(cfg, "train.init_checkpoint", "") or ""
+        checkpoint = OmegaConf.select(cfg, "train.init_checkpoint", default="") or ""
     stored = read_checkpoint_overrides(str(checkpoint)) if checkpoint else {}
     if not stored:
         return {}
@@ -185,7 +170,7 @@ def apply_checkpoint_overrides(
             kept.append(key)
             continue
         parent, _, leaf = key.rpartition(".")
-        node = _select(cfg, parent) if parent else cfg
+        node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
         if not _accepts(node, leaf):
             raise KeyError(
                 f"{checkpoint} stores the config override {key}={value!r}, but the config has no "
