@@ -296,6 +296,10 @@ def test_demo_threshold_and_resize_defaults(trained):
     augs, _ = demo.test_time_augmentations(load_config(os.path.join(
         REPO, "projects/deformable_detr/configs/models/deformable_detr_mobilenetv2.py")))
     assert [(a.short_edge_length, a.max_size) for a in augs] == [((800, 800), 1333)]
+    # a config listing its test augmentations (the NEON-trees demo's: shortest edge 416)
+    augs, _ = demo.test_time_augmentations(load_config(os.path.join(
+        REPO, "projects/deformable_detr/configs/deformable_detr_mobilenetv2_neon_trees.py")))
+    assert [(type(a), a.short_edge_length, a.max_size) for a in augs] == [(T.ResizeShortestEdge, (416, 416), 800)]
     assert demo.test_time_augmentations(cfg, 0)[0] == []
     augs, _ = demo.test_time_augmentations(cfg, 64, 100)
     assert [(a.short_edge_length, a.max_size) for a in augs] == [((64, 64), 100)]

@@ -97,7 +97,7 @@ def test_time_augmentations(cfg, min_size=None, max_size=None):
         aug = T.ResizeShortestEdge(DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE)
         return [aug], f"{aug} (the config has no dataloader.test.mapper.augmentation)"
     augs = instantiate(augs)
-    augs = list(augs) if isinstance(augs, (list, tuple)) else [augs]
+    augs = [augs] if isinstance(augs, (T.Augmentation, T.Transform)) else list(augs)  # a list, or a ListConfig
     for aug in augs:
         if not isinstance(aug, (T.Augmentation, T.Transform)):
             raise TypeError(f"dataloader.test.mapper.augmentation holds {aug!r}, not a Detectron2 augmentation")
