@@ -14,12 +14,14 @@ visualisation tools (through :func:`d2detr.export.cli.build_model`) all load wei
   When ``train.init_checkpoint`` names such a file, the overrides are applied to the config before
   the model is built (logged); a key given on the command line keeps the command line's value.
 """
+import inspect
 import logging
 import os
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.registry import locate
 from omegaconf import OmegaConf
 
 __all__ = [
@@ -134,10 +136,6 @@ def _accepts(node, leaf: str) -> bool:
     target = node.get("_target_", None)
     if target is None:
         return False
-    import inspect
-
-    from detectron2.utils.registry import locate
-
     try:
         target = locate(target) if isinstance(target, str) else target
         params = inspect.signature(target).parameters
