@@ -5,7 +5,7 @@ logging is quiet (a script that raises the log level, a notebook, ``make demo`` 
 file) nothing tells the user how far a run is. :class:`ProgressHook` prints, on the main process
 only, one short line every ``period`` iterations, after the first and after the last::
 
-    [d2detr] iter 120/600 (20%)  0.764 s/it  ETA 0:06:07  total_loss 7.293
+    [d2detr] iter 4/12 (33%)  0.137 s/it  ETA 0:00:01  total_loss 4.895
 
 ``s/it`` is the wall-clock time per iteration since the previous line (evaluation and
 checkpointing included, so the ETA is what the user waits), ``ETA`` that rate times the
