@@ -18,6 +18,7 @@ from detectron2.config import LazyConfig  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from helpers import run_convert_checkpoint  # noqa: E402
+from test_tools import one_thread  # noqa: E402,F401  (autouse: one intra-op thread)
 from test_convert_deformable_detr import MODEL_CONFIG, build_hf_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,14 +34,6 @@ def converted(tmp_path_factory):
     stdout, saved = run_convert_checkpoint(tmp / "hf", out, MODEL_CONFIG)
     assert len(saved["overrides"]) >= 25
     return str(out), saved["overrides"], stdout, saved["model"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _assert_applied(cfg, overrides, except_keys=()):

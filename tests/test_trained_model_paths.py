@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_tools import load_tool
+from test_tools import load_tool, one_thread  # noqa: F401  (one_thread: autouse, one intra-op thread)
 from test_train_net import _args
 
 from d2detr.engine import main, unwrap_model
@@ -92,14 +92,6 @@ def trained(tmp_path_factory):
     ema, raw = ckpt["model_ema"]["state"], ckpt["model"]
     assert any(not torch.equal(ema[k], raw[k]) for k in raw if raw[k].is_floating_point()), "EMA == raw weights"
     return config, out, ckpt, stdout.getvalue()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _assert_state(model, expected, where):
