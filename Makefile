@@ -8,6 +8,8 @@ PY      := $(VENV)/bin/python
 export CUDA_HOME ?= /usr/local/cuda
 CSRC    := $(wildcard d2detr/layers/csrc/*.cpp d2detr/layers/csrc/*.h d2detr/layers/csrc/*.cu d2detr/layers/csrc/*.cuh)
 EXT_STAMP := build/.d2detr-ext-stamp
+# `make test` runs the suite without the tests marked slow (about 15 min on 2 cores);
+# `make test PYTEST_ARGS="-m slow"` runs those (every method's ONNX export, large shapes).
 PYTEST_ARGS ?=
 
 .PHONY: install test demo bench clean
@@ -24,7 +26,7 @@ $(EXT_STAMP): $(VENV)/.d2detr-installed setup.py $(CSRC)
 	@mkdir -p build && touch $@
 
 test: install
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests -m "not slow" $(PYTEST_ARGS)
 
 demo: install
 	$(PY) tools/neon_trees_demo.py
