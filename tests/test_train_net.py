@@ -252,3 +252,96 @@ def _named_trainable(config):
     opt = instantiate(cfg.optimizer)
     index = {id(p): n for n, p in model.named_parameters()}
     return [(index[id(p)], p) for g in opt.param_groups for p in g["params"]]
+
+
+# --------------------------------------------------------------------------- real tiny models
+def _write_tiny_train_config(tmp_path, method="deformable_detr_refine", num_train=5, shuffle=True, model_extra="",
+                             **train):
+    """A full train config around a real tiny model of ``method`` (tests/tiny_configs.py), wrapped
+    in tests/train_faults.py's ``with_faults`` (no fault unless overridden), on ``num_train`` toy
+    images with d2detr's resumable loader: shuffled, RandomFlip + ResizeShortestEdge (three
+    sizes), batch 2."""
+    from tiny_configs import write_tiny_config
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    model_cfg = write_tiny_config(tmp_path, method, num_classes=2, extra=model_extra)
+    items = dict(output_dir=str(tmp_path / "output"), max_iter=6, device="cpu", seed=5, log_period=1,
+                 eval_period=0, checkpointer=dict(period=2, max_to_keep=10))
+    items.update(train)
+    text = f"""
+import sys
+sys.path.insert(0, {os.path.join(REPO, "tests")!r})
+from detectron2.config import LazyCall as L, LazyConfig
+from detectron2.data import get_detection_dataset_dicts
+from detectron2.data import transforms as T
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+from d2detr.data import DetrDatasetMapper, build_detr_train_loader
+from test_train_toy import register_toy_datasets
+from train_faults import with_faults
+
+register_toy_datasets({str(tmp_path / "data")!r}, num_train={num_train})
+model = L(with_faults)(model=LazyConfig.load({model_cfg!r}).model)
+dataloader = dict(train=L(build_detr_train_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="toy_train", filter_empty=False),
+    mapper=L(DetrDatasetMapper)(is_train=True, augmentation=[
+        L(T.RandomFlip)(horizontal=True),
+        L(T.ResizeShortestEdge)(short_edge_length=(40, 48, 56), max_size=96, sample_style="choice"),
+    ]),
+    total_batch_size=2, num_workers=0, shuffle={shuffle!r}))
+optimizer = LazyConfig.load({os.path.join(REPO, "configs/common/optim.py")!r}, "AdamW")
+optimizer.lr = 1e-3
+lr_multiplier = L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[5], num_updates=6)
+train = LazyConfig.load({os.path.join(REPO, "configs/common/train.py")!r}, "train")
+train.update({items!r})
+"""
+    path = tmp_path / "train_config.py"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.timeout(600)
+def test_real_model_resume_with_shuffle_and_augmentation_is_exact(tmp_path):
+    """A real Deformable DETR (box refinement, dropout 0.1) on 5 images, shuffled every epoch,
+    with random flips and sizes: SIGKILLed at iteration 4 and resumed from the checkpoint of
+    iteration 3, it ends with bitwise the weights and optimizer state of an uninterrupted run (which
+    needs the same images, flips, sizes and dropout masks in iterations 4 and 5)."""
+    ref_cfg = _write_tiny_train_config(tmp_path / "ref")
+    main(_args(ref_cfg))
+    reference = _load(str(tmp_path / "ref" / "output" / "model_final.pth"))
+
+    config = _write_tiny_train_config(tmp_path / "run")
+    out = tmp_path / "run" / "output"
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
+    killed = subprocess.run(cmd + ["model.kill_at_iter=4"], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (out / "last_checkpoint").read_text().strip() == "model_0000003.pth"
+
+    main(_args(config, resume=True))
+    resumed = _load(str(out / "model_final.pth"))
+    rows = [r for r in _metrics(str(out)) if "total_loss" in r]
+    ref_rows = [r for r in _metrics(str(tmp_path / "ref" / "output")) if "total_loss" in r]
+    assert [r["iteration"] for r in rows] == list(range(6))
+    assert [r["lr"] for r in rows] == [r["lr"] for r in ref_rows]
+    for key in ("iteration", "model", "trainer", "train_sampler"):
+        _assert_same(resumed[key], reference[key], key)
+    assert resumed["train_sampler"]["shuffle"] and reference["trainer"]["seed"] >= 0
+
+
+def test_nonresumable_loader_warns_on_resume(tmp_path, caplog):
+    """Detectron2's own train loader restarts its order on --resume: the log says so."""
+    import logging
+
+    config = write_toy_config(tmp_path, max_iter=2, checkpointer=dict(period=1, max_to_keep=10))
+    main(_args(config))
+    with caplog.at_level(logging.WARNING, logger="d2detr"):
+        main(_args(config, "train.max_iter=3", resume=True))
+    assert "cannot skip ahead" in caplog.text
+
+
+def test_label_outside_num_classes_names_the_record(tmp_path):
+    """A category id the model has no class for stops training with the record's file name and
+    image id (do_train gives DetrDatasetMapper the model's num_classes)."""
+    config = _write_tiny_train_config(tmp_path, max_iter=1)
+    with pytest.raises(ValueError, match=r"toy_train/00\d\.png.*image_id \d\).*category_id 1 .*num_classes=1"):
+        main(_args(config, "model.model.num_classes=1", "dataloader.train.shuffle=False"))
