@@ -342,8 +342,8 @@ def test_bf16_autocast_keeps_geometry_float32(tmp_path, monkeypatch, method):
     """Under CPU bf16 autocast, reference points, proposal grids, sampling points and the
     reference points a model outputs are float32; those that depend only on the image sizes
     (encoder reference points, proposal grids) or on learned embeddings (single-stage reference
-    points) equal the float32 run's to 1e-6 (bf16 would be up to 2**-9 relative off: 0.65 of a
-    cell on a 167-cell level)."""
+    points) equal the float32 run's to 1e-6 (one bf16 rounding is up to 2**-9 off: 0.32 of a cell
+    on a 167-cell level)."""
     model = _tiny_real(tmp_path, method)
     _, ref = _geometry_run(model, monkeypatch, amp=False)
     _, got = _geometry_run(model, monkeypatch, amp=True)

@@ -2,8 +2,9 @@
 
 Under ``torch.autocast`` (bfloat16 on CPU, float16/bfloat16 on CUDA) linear layers return
 half-precision tensors. For features that is what autocast is for; for coordinates it is not:
-a bfloat16 value in [0, 1] has 8 significant bits, so a reference point on a 167-cell feature
-level can be up to 0.65 of a cell off. Reference points, valid ratios, proposal grids and the
+a bfloat16 value in [0.5, 1) is a multiple of 2**-8, so on a 167-cell feature level a float32
+reference point rounded to bfloat16 is up to 0.32 of a cell off, and a cell-centre grid built in
+bfloat16 up to 0.81. Reference points, valid ratios, proposal grids and the
 heads that produce reference points therefore stay (at least) float32.
 """
 import torch

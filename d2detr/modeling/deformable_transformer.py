@@ -646,7 +646,7 @@ class DeformableDetrTransformer(nn.Module):
         query_pos, tgt = torch.split(query_embed, c, dim=1)
         query_pos = query_pos.unsqueeze(0).expand(bs, -1, -1)
         tgt = tgt.unsqueeze(0).expand(bs, -1, -1)
-        # the reference points stay float32 under autocast (a bf16 point is up to 0.65 cell off)
+        # the reference points stay float32 under autocast (see d2detr.layers.precision)
         return tgt, query_pos, geometry_forward(self.reference_points, query_pos).sigmoid(), None, None
 
     # --------------------------------------------------------------- forward
