@@ -12,11 +12,12 @@ as ``SimpleTrainer`` and adds what DETR-style training needs:
 * a ``FloatingPointError`` raised while computing the losses (the matcher's check of the
   predictions, reduced over workers so that all raise together) is re-raised naming the iteration;
 * an optional :class:`~d2detr.engine.ModelEMA`, updated right after each optimizer step;
-* with ``seed``, torch's, numpy's and Python's global RNGs are re-seeded from
-  ``(seed, iteration, rank)`` before every step, so dropout and denoising noise of a step do not
-  depend on the steps before it and a resumed run draws what an uninterrupted one draws.
+* with ``seed``, torch's global RNG (all devices) is re-seeded from ``(seed, iteration, rank)``
+  before every step, so dropout and denoising noise of a step do not depend on the steps before
+  it and a resumed run draws what an uninterrupted one draws. (numpy's and Python's RNGs are
+  left alone: the model does not use them, and a Detectron2 loader with ``num_workers=0`` draws
+  its augmentations from numpy's in the main process.)
 """
-import random
 import time
 from typing import Optional, Union
 
@@ -66,7 +67,7 @@ class DetrTrainer(SimpleTrainer):
         clip_grad_max_norm: clip the norm of all gradients to this value; ``None``/0 disables.
         clip_grad_norm_type: the norm's type (2.0 = Euclidean).
         model_ema: a :class:`ModelEMA` to update after every optimizer step.
-        seed: re-seed the global RNGs before every step from ``(seed, iteration, rank)``
+        seed: re-seed torch's RNG before every step from ``(seed, iteration, rank)``
             (checkpointed in :meth:`state_dict`); None keeps one stream for the whole run.
     """
 
@@ -109,13 +110,11 @@ class DetrTrainer(SimpleTrainer):
         self.seed = None if seed is None else int(seed)
 
     def seed_step(self) -> None:
-        """Seeds torch (all devices), numpy and ``random`` from ``(seed, iteration, rank)``."""
+        """Seeds torch's RNG (all devices) from ``(seed, iteration, rank)``."""
         if self.seed is None:
             return
-        state = np.random.SeedSequence([self.seed, int(self.iter), comm.get_rank()]).generate_state(2)
+        state = np.random.SeedSequence([self.seed, int(self.iter), comm.get_rank()]).generate_state(1)
         torch.manual_seed(int(state[0]))
-        np.random.seed(int(state[1]))
-        random.seed(int(state[1]))
 
     def run_step(self):
         assert self.model.training, "[DetrTrainer] model was changed to eval mode!"
