@@ -3,14 +3,17 @@
 It follows Detectron2's ``tools/lazyconfig_train_net.py`` and adds what the DETR
 family needs: :class:`DetrTrainer` (AMP on CUDA and CPU, gradient clipping,
 non-finite loss guard), an optional weight EMA that is checkpointed and used for
-evaluation, and CPU multi-process training (``--num-gpus N`` starts N gloo workers
-when ``train.device`` is ``"cpu"``).
+evaluation, an exact ``--resume`` with :func:`d2detr.data.build_detr_train_loader` (its sampler
+is checkpointed as ``train_sampler`` and skips to the resumed iteration; other loaders restart
+their order, with a warning), the model's ``num_classes`` for a ``DetrDatasetMapper``, and CPU
+multi-process training (``--num-gpus N`` starts N gloo workers when ``train.device`` is ``"cpu"``).
 
 Config keys read here (``cfg.train``; see ``configs/common/train.py``): ``output_dir``,
 ``init_checkpoint``, ``max_iter``, ``device``, ``amp.enabled``, ``amp.dtype``,
 ``ddp.*``, ``clip_grad.enabled``, ``clip_grad.params.{max_norm,norm_type}``,
 ``model_ema.enabled``, ``model_ema.decay``, ``checkpointer.{period,max_to_keep}``,
-``eval_period``, ``log_period``, ``seed``; plus ``cfg.model``, ``cfg.optimizer``
+``eval_period``, ``log_period``, ``seed`` (also the per-step torch seed of :class:`DetrTrainer`);
+plus ``cfg.model``, ``cfg.optimizer``
 (``params.model`` is filled in), ``cfg.lr_multiplier``, ``cfg.dataloader.{train,test,evaluator}``.
 """
 import logging
