@@ -281,3 +281,104 @@ def test_do_test_evaluates_the_ema_weights_and_restores_the_model(tmp_path):
     assert do_test(cfg, model, ema) == {"w": [2.0, 2.0]}
     assert do_test(cfg, model) == {"w": [4.0, 4.0]}
     assert model.w.item() == 4.0
+
+
+# --------------------------------------------------------------------------- bf16 autocast geometry
+_GEOMETRY_METHODS = ["conditional_detr", "dab_deformable_detr", "deformable_detr", "deformable_detr_two_stage",
+                     "dino", "focus_detr", "sd_detr", "adamixer"]
+
+
+def _tiny_real(tmp_path, method):
+    from detectron2.config import LazyConfig, instantiate
+    from tiny_configs import write_tiny_config
+
+    torch.manual_seed(0)
+    model = instantiate(LazyConfig.load(write_tiny_config(tmp_path, method)).model).eval()
+    with torch.no_grad():  # box heads start at zero (focal init): give them weights, so boxes depend on features
+        for name, p in model.named_parameters():
+            if "bbox_embed" in name or "fc_reg" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _geometry_run(model, monkeypatch, amp):
+    """Forward (eval) of a 64x64 and a 64x52 (padded) image under CPU bf16 autocast or in float32,
+    recording the geometry: every deformable attention's reference points, the two-stage
+    proposal grids, AdaMixer's 3D sampling points and the outputs' reference points."""
+    import d2detr.modeling.deformable_transformer as dt
+    from d2detr.layers.ms_deform_attn import MultiScaleDeformableAttention
+    from d2detr.modeling.adamixer import SamplingPointsRecorder
+    from helpers import synthetic_batch
+
+    rec = {"attn_reference": [], "proposals": []}
+    real = dt.gen_encoder_output_proposals
+
+    def proposals(*args, **kwargs):
+        out = real(*args, **kwargs)
+        rec["proposals"].append(out[1])
+        return out
+
+    monkeypatch.setattr(dt, "gen_encoder_output_proposals", proposals)
+    handles = [m.register_forward_pre_hook(lambda mod, args: rec["attn_reference"].append(args[1]))
+               for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
+    batch = synthetic_batch(2, 64)
+    batch[1]["image"] = batch[1]["image"][:, :, :52]
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp), \
+                SamplingPointsRecorder(model) as points:
+            images, masks = model.preprocess_image(batch)
+            out = model.forward_features(images, masks)
+    finally:
+        for h in handles:
+            h.remove()
+    rec["sampling_xy"] = [r["xy"] for r in points.records]
+    rec["sampling_z"] = [r["z"] for r in points.records]
+    rec["outputs"] = {k: v for k, v in out.items() if torch.is_tensor(v) and ("reference" in k or k == "anchors")}
+    return out, rec
+
+
+@pytest.mark.parametrize("method", _GEOMETRY_METHODS)
+def test_bf16_autocast_keeps_geometry_float32(tmp_path, monkeypatch, method):
+    """Under CPU bf16 autocast, reference points, proposal grids, sampling points and the
+    reference points a model outputs are float32; those that depend only on the image sizes
+    (encoder reference points, proposal grids) or on learned embeddings (single-stage reference
+    points) equal the float32 run's to 1e-6 (one bf16 rounding is up to 2**-9 off: 0.32 of a cell
+    on a 167-cell level)."""
+    model = _tiny_real(tmp_path, method)
+    _, ref = _geometry_run(model, monkeypatch, amp=False)
+    _, got = _geometry_run(model, monkeypatch, amp=True)
+    tensors = got["attn_reference"] + got["proposals"] + got["sampling_xy"] + got["sampling_z"]
+    tensors += list(got["outputs"].values())
+    assert tensors, f"{method}: no geometry recorded"
+    for t in tensors:
+        assert t.dtype == torch.float32, (method, t.dtype, tuple(t.shape))
+    for a, b in zip(got["proposals"], ref["proposals"]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    if method not in ("focus_detr",):  # Focus-DETR's encoder keeps tokens by a (bf16) score
+        enc_layers = len(model.transformer.encoder.layers) if hasattr(model, "transformer") and \
+            hasattr(model.transformer, "encoder") and hasattr(model.transformer.encoder, "layers") else 0
+        for a, b in zip(got["attn_reference"][:enc_layers], ref["attn_reference"][:enc_layers]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    if method in ("deformable_detr", "conditional_detr"):  # reference points from learned embeddings only
+        first_decoder = {"deformable_detr": got["attn_reference"][-2:-1], "conditional_detr": []}[method]
+        ref_first = {"deformable_detr": ref["attn_reference"][-2:-1], "conditional_detr": []}[method]
+        for a, b in zip(first_decoder, ref_first):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        for k in got["outputs"]:
+            torch.testing.assert_close(got["outputs"][k], ref["outputs"][k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["deformable_detr_refine", "conditional_detr"])
+def test_bf16_autocast_outputs_match_float32(tmp_path, monkeypatch, method):
+    """A real model's outputs under CPU bf16 autocast against float32: boxes within 0.005 of the
+    image size (normalised cxcywh) and class logits within 0.05, for every query (measured:
+    0.0014 / 0.022 for Deformable DETR with refinement, 0.0002 / 0.016 for Conditional DETR,
+    torch 2.14 CPU). (Two-stage models
+    are left out here: there the bf16 scores may select other proposals, so query i of one run is
+    not query i of the other.)"""
+    model = _tiny_real(tmp_path, method)
+    ref, _ = _geometry_run(model, monkeypatch, amp=False)
+    got, _ = _geometry_run(model, monkeypatch, amp=True)
+    assert (ref["pred_boxes"][:, :, :2].std(1) > 1e-3).all()  # the queries' boxes differ
+    torch.testing.assert_close(got["pred_boxes"].float(), ref["pred_boxes"], atol=0.005, rtol=0)
+    torch.testing.assert_close(got["pred_logits"].float(), ref["pred_logits"], atol=0.05, rtol=0)

@@ -132,3 +132,98 @@ def test_inference_on_a_tiny_image_returns_boxes_inside_it(model, tmp_path):
     assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= 30 + 1e-4).all()
     assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= 20 + 1e-4).all()
     assert not math.isnan(float(out.scores.sum()))
+
+
+# --------------------------------------------------------------------------- every method under DDP
+def _aux_off_model(tmp_path, method):
+    """The tiny real model of ``method`` with ``aux_loss=False`` where the method has the switch."""
+    import inspect
+
+    from detectron2.config import LazyConfig
+    from detectron2.utils.registry import locate
+    from tiny_configs import write_tiny_config
+
+    config = write_tiny_config(tmp_path, method)
+    cfg = LazyConfig.load(config)
+    target = cfg.model._target_
+    target = locate(target) if isinstance(target, str) else target
+    has_aux = "aux_loss" in inspect.signature(target).parameters
+    if has_aux:
+        cfg.model.aux_loss = False
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    return model, has_aux
+
+
+def _empty_batch(batch):
+    from detectron2.structures import Boxes, Instances
+
+    for x in batch:
+        inst = Instances(x["instances"].image_size)
+        inst.gt_boxes = Boxes(torch.zeros(0, 4))
+        inst.gt_classes = torch.zeros(0, dtype=torch.long)
+        x["instances"] = inst
+    return batch
+
+
+@pytest.mark.parametrize("method", sorted(__import__("tiny_configs").TINY_METHODS))
+def test_every_parameter_gets_a_gradient_with_aux_loss_off(tmp_path, method):
+    """DistributedDataParallel with find_unused_parameters=False (configs/common/train.py) needs a
+    gradient for every trainable parameter on every worker in every step. With aux_loss=False
+    (box refinement: the intermediate heads have no loss) and in a batch without any object
+    (denoising has nothing to embed), every method still gives one (zero ones through
+    ``connect_unused``)."""
+    from helpers import synthetic_batch
+
+    model, _ = _aux_off_model(tmp_path, method)
+    model.train()
+    for batch in (synthetic_batch(2, 64), _empty_batch(synthetic_batch(2, 64))):
+        model.zero_grad(set_to_none=True)
+        losses = model(batch)
+        sum(losses.values()).backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, f"{method}: no gradient for {missing[:8]} ({len(missing)} in all)"
+
+
+# --------------------------------------------------------------------------- bad labels, overflow
+def _outputs(num_logits, q=4):
+    g = torch.Generator().manual_seed(0)
+    return {"pred_logits": torch.randn(1, q, num_logits, generator=g),
+            "pred_boxes": torch.rand(1, q, 4, generator=g) * 0.5 + 0.25}
+
+
+@pytest.mark.parametrize("use_focal", [True, False])
+def test_matcher_rejects_labels_outside_the_model_classes(use_focal):
+    """Label 3 of a 3-class model: with softmax logits (4 = 3 + no-object) it used to be trained
+    as "no object", with focal logits it failed as an IndexError; now both name the problem.
+    Label 2 is fine."""
+    from d2detr.modeling.matcher import HungarianMatcher
+
+    matcher = HungarianMatcher(use_focal=use_focal)
+    outputs = _outputs(3 if use_focal else 4)
+    box = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
+    rows, cols = matcher(outputs, [{"labels": torch.tensor([2]), "boxes": box}])[0]
+    assert len(rows) == len(cols) == 1
+    with pytest.raises(ValueError, match=r"labels outside 0\.\.2 \(the model has 3 classes\) \(labels \[3\] here\)"):
+        matcher(outputs, [{"labels": torch.tensor([3]), "boxes": box}])
+
+
+def test_matcher_rejects_nonfinite_predictions_even_without_targets():
+    """The check runs before matching, also for a batch without objects (whose matching would
+    return at once): under DDP every worker must take part in the same reduction."""
+    from d2detr.modeling.matcher import HungarianMatcher
+
+    outputs = _outputs(3)
+    outputs["pred_boxes"][0, 1, 0] = float("nan")
+    empty = {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}
+    with pytest.raises(FloatingPointError, match="non-finite predictions"):
+        HungarianMatcher(use_focal=True)(outputs, [empty])
+
+
+def test_mapper_names_the_record_of_a_bad_category(tmp_path):
+    path = _write(tmp_path, "bad_label", 40, 50)
+    rec = _record(path, 40, 50, [(5, 5, 30, 35)])  # category_id 1
+    rec["image_id"] = 17
+    assert len(DetrDatasetMapper(is_train=True, augmentation=[], num_classes=2)(rec)["instances"]) == 1
+    with pytest.raises(ValueError, match=r"bad_label\.png' \(image_id 17\): category_id 1 .*num_classes=1"):
+        DetrDatasetMapper(is_train=True, augmentation=[], num_classes=1)(rec)

@@ -252,3 +252,190 @@ def _named_trainable(config):
     opt = instantiate(cfg.optimizer)
     index = {id(p): n for n, p in model.named_parameters()}
     return [(index[id(p)], p) for g in opt.param_groups for p in g["params"]]
+
+
+# --------------------------------------------------------------------------- real tiny models
+def _write_tiny_train_config(tmp_path, method="deformable_detr_refine", num_train=5, shuffle=True, model_extra="",
+                             **train):
+    """A full train config around a real tiny model of ``method`` (tests/tiny_configs.py), wrapped
+    in tests/train_faults.py's ``with_faults`` (no fault unless overridden), on ``num_train`` toy
+    images with d2detr's resumable loader: shuffled, RandomFlip + ResizeShortestEdge (three
+    sizes), batch 2."""
+    from tiny_configs import write_tiny_config
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    model_cfg = write_tiny_config(tmp_path, method, num_classes=2, extra=model_extra)
+    items = dict(output_dir=str(tmp_path / "output"), max_iter=6, device="cpu", seed=5, log_period=1,
+                 eval_period=0, checkpointer=dict(period=2, max_to_keep=10))
+    items.update(train)
+    text = f"""
+import sys
+sys.path.insert(0, {os.path.join(REPO, "tests")!r})
+from detectron2.config import LazyCall as L, LazyConfig
+from detectron2.data import get_detection_dataset_dicts
+from detectron2.data import transforms as T
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+from d2detr.data import DetrDatasetMapper, build_detr_train_loader
+from test_train_toy import register_toy_datasets
+from train_faults import with_faults
+
+register_toy_datasets({str(tmp_path / "data")!r}, num_train={num_train})
+model = L(with_faults)(model=LazyConfig.load({model_cfg!r}).model)
+dataloader = dict(train=L(build_detr_train_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="toy_train", filter_empty=False),
+    mapper=L(DetrDatasetMapper)(is_train=True, augmentation=[
+        L(T.RandomFlip)(horizontal=True),
+        L(T.ResizeShortestEdge)(short_edge_length=(40, 48, 56), max_size=96, sample_style="choice"),
+    ]),
+    total_batch_size=2, num_workers=0, shuffle={shuffle!r}))
+optimizer = LazyConfig.load({os.path.join(REPO, "configs/common/optim.py")!r}, "AdamW")
+optimizer.lr = 1e-3
+lr_multiplier = L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[5], num_updates=6)
+train = LazyConfig.load({os.path.join(REPO, "configs/common/train.py")!r}, "train")
+train.update({items!r})
+"""
+    path = tmp_path / "train_config.py"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.timeout(600)
+def test_real_model_resume_with_shuffle_and_augmentation_is_exact(tmp_path):
+    """A real Deformable DETR (box refinement, dropout 0.1) on 5 images, shuffled every epoch,
+    with random flips and sizes: SIGKILLed at iteration 4 and resumed from the checkpoint of
+    iteration 3, it ends with bitwise the weights and optimizer state of an uninterrupted run (which
+    needs the same images, flips, sizes and dropout masks in iterations 4 and 5)."""
+    ref_cfg = _write_tiny_train_config(tmp_path / "ref")
+    main(_args(ref_cfg))
+    reference = _load(str(tmp_path / "ref" / "output" / "model_final.pth"))
+
+    config = _write_tiny_train_config(tmp_path / "run")
+    out = tmp_path / "run" / "output"
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
+    killed = subprocess.run(cmd + ["model.kill_at_iter=4"], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (out / "last_checkpoint").read_text().strip() == "model_0000003.pth"
+
+    main(_args(config, resume=True))
+    resumed = _load(str(out / "model_final.pth"))
+    rows = [r for r in _metrics(str(out)) if "total_loss" in r]
+    ref_rows = [r for r in _metrics(str(tmp_path / "ref" / "output")) if "total_loss" in r]
+    assert [r["iteration"] for r in rows] == list(range(6))
+    assert [r["lr"] for r in rows] == [r["lr"] for r in ref_rows]
+    for key in ("iteration", "model", "trainer", "train_sampler"):
+        _assert_same(resumed[key], reference[key], key)
+    assert resumed["train_sampler"]["shuffle"] and reference["trainer"]["seed"] >= 0
+
+
+def test_nonresumable_loader_warns_on_resume(tmp_path):
+    """Detectron2's own train loader restarts its order on --resume: the log says so."""
+    config = write_toy_config(tmp_path, max_iter=2, checkpointer=dict(period=1, max_to_keep=10))
+    main(_args(config))
+    main(_args(config, "train.max_iter=3", resume=True))
+    log = (tmp_path / "output" / "log.txt").read_text()
+    assert "Resuming at iteration 2 with a train loader that cannot skip ahead" in log
+
+
+def test_label_outside_num_classes_names_the_record(tmp_path):
+    """A category id the model has no class for stops training with the record's file name and
+    image id (do_train gives DetrDatasetMapper the model's num_classes)."""
+    config = _write_tiny_train_config(tmp_path, max_iter=1)
+    with pytest.raises(ValueError, match=r"toy_train/00\d\.png.*image_id \d\).*category_id 1 .*num_classes=1"):
+        main(_args(config, "model.model.num_classes=1", "dataloader.train.shuffle=False"))
+
+
+def _ddp_real_worker(config, dump_dir):
+    from detectron2.utils import comm
+
+    from d2detr.engine import do_train, setup
+
+    # aux_loss=False with box refinement under DDP (find_unused_parameters=False): a parameter
+    # without a gradient would fail the second iteration's forward.
+    args = _args(config, "model.model.aux_loss=False", num_gpus=2)
+    cfg = setup(args)
+    assert cfg.train.ddp.find_unused_parameters is False
+    trainer = do_train(args, cfg)
+    state = {k: v.detach().clone() for k, v in trainer.model.module.state_dict().items()}
+    # Then the backbone overflows on rank 1 only, at iteration 1.
+    args = _args(config, "model.nonfinite_at_iter=1", "model.nonfinite_rank=1",
+                 f"train.output_dir={dump_dir}/nonfinite", num_gpus=2)
+    try:
+        do_train(args, setup(args))
+        error = None
+    except FloatingPointError as e:
+        error = str(e)
+    torch.save({"model": state, "error": error}, os.path.join(dump_dir, f"rank{comm.get_rank()}.pth"))
+
+
+@pytest.mark.timeout(600)
+def test_two_workers_real_model_aux_loss_off_and_nonfinite_predictions(tmp_path):
+    """Two gloo workers training a real Deformable DETR with box refinement and aux_loss=False
+    finish with identical replicas (every parameter reached DDP's reducer); predictions that
+    overflow on rank 1 only stop both workers at that iteration with the same message, before
+    the matcher would have raised on rank 1 alone."""
+    config = _write_tiny_train_config(tmp_path, max_iter=3, device="cpu")
+    launch(_ddp_real_worker, 2, dist_url="auto", args=(config, str(tmp_path)), device="cpu")
+    r0, r1 = _load(str(tmp_path / "rank0.pth")), _load(str(tmp_path / "rank1.pth"))
+    _assert_same(r0["model"], r1["model"], "model")
+    for r in (r0, r1):
+        assert r["error"] is not None
+        assert "non-finite predictions" in r["error"] and "worker(s) [1] of 2" in r["error"], r["error"]
+        assert "iteration=1;" in r["error"], r["error"]
+
+
+def _loader(num_workers=0, shuffle=True, seed=11, total_batch_size=2):
+    from detectron2.data import DatasetCatalog
+    from detectron2.data import transforms as T
+
+    from d2detr.data import DetrDatasetMapper, build_detr_train_loader
+
+    mapper = DetrDatasetMapper(is_train=True, augmentation=[
+        T.RandomFlip(horizontal=True),
+        T.ResizeShortestEdge(short_edge_length=(40, 48, 56), max_size=96, sample_style="choice"),
+    ])
+    return build_detr_train_loader(DatasetCatalog.get("toy_train"), mapper=mapper, total_batch_size=total_batch_size,
+                                   num_workers=num_workers, shuffle=shuffle, seed=seed)
+
+
+def _take(loader, n):
+    it = iter(loader)
+    return [[(x["image_id"], x["image"].clone(), x["instances"].gt_boxes.tensor.clone()) for x in next(it)]
+            for _ in range(n)]
+
+
+def test_resumable_loader_order_augmentation_and_skip(tmp_path):
+    """build_detr_train_loader: every epoch is a new permutation of all images; augmentations
+    vary (flips, three sizes) but are a function of (seed, epoch, image); started at iteration 3
+    (also with a data worker process) it yields exactly batches 3.. of a run from 0."""
+    from test_train_toy import register_toy_datasets
+
+    register_toy_datasets(str(tmp_path / "data"), num_train=5)
+    ref = _take(_loader(), 10)  # 20 samples = 4 epochs of 5 images
+    ids = [x[0] for batch in ref for x in batch]
+    epochs = [ids[i : i + 5] for i in range(0, 20, 5)]
+    assert all(sorted(e) == [0, 1, 2, 3, 4] for e in epochs)
+    assert len({tuple(e) for e in epochs}) > 1 and any(e != [0, 1, 2, 3, 4] for e in epochs)
+    sizes = {tuple(x[1].shape[1:]) for batch in ref for x in batch}
+    assert sizes == {(40, 53), (48, 64), (56, 75)}, sizes
+    # the same image in two epochs is augmented differently at least once (flip or size)
+    first = {}
+    differs = False
+    for batch in ref:
+        for image_id, img, _ in batch:
+            if image_id in first and (first[image_id].shape != img.shape or not torch.equal(first[image_id], img)):
+                differs = True
+            first.setdefault(image_id, img)
+    assert differs
+
+    for num_workers in (0, 1):
+        loader = _loader(num_workers=num_workers)
+        loader.batch_sampler.set_start_iter(3)
+        for a, b in zip(_take(loader, 7), ref[3:]):
+            for (ia, xa, ba), (ib, xb, bb) in zip(a, b):
+                assert ia == ib and torch.equal(xa, xb) and torch.equal(ba, bb)
+
+    # Without shuffling: dataset order, epoch after epoch.
+    assert [x[0] for batch in _take(_loader(shuffle=False), 5) for x in batch] == [0, 1, 2, 3, 4] * 2
+    with pytest.raises(ValueError, match="multiple of the number of workers"):
+        _loader(total_batch_size=0)

@@ -1,3 +1,4 @@
+from .build import ResumableTrainingSampler, build_detr_train_loader, resumable_sampler
 from .detr_dataset_mapper import (
     DETR_TRAIN_SCALES,
     DetrDatasetMapper,

@@ -87,6 +87,11 @@ class DetrDatasetMapper:
     are kept with empty ``instances``. Grayscale and RGBA images become 3-channel
     ``image_format`` ("RGB" or "BGR") images. Crowd annotations are ignored.
     In inference, annotations are removed.
+
+    ``num_classes`` (set by ``d2detr.engine.do_train`` from the model when the config leaves
+    it None): a training annotation whose ``category_id`` is not in ``[0, num_classes)`` is a
+    ``ValueError`` naming the record (file name and image id), instead of being trained as
+    "no object" (softmax models) or failing inside the loss (focal models).
     """
 
     def __init__(
@@ -96,6 +101,7 @@ class DetrDatasetMapper:
         augmentation_with_crop: Optional[Sequence[T.Augmentation]] = None,
         image_format: str = "RGB",
         mask_on: bool = False,
+        num_classes: Optional[int] = None,
     ):
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
@@ -108,6 +114,9 @@ class DetrDatasetMapper:
         )
         self.image_format = image_format
         self.mask_on = mask_on
+        if num_classes is not None and int(num_classes) <= 0:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.num_classes = None if num_classes is None else int(num_classes)
         logging.getLogger(__name__).info(
             "[DetrDatasetMapper] augmentation: %s; with crop: %s", augmentation, augmentation_with_crop
         )
@@ -116,6 +125,17 @@ class DetrDatasetMapper:
         if self.is_train and self.augmentation_with_crop is not None and np.random.rand() < 0.5:
             return self.augmentation_with_crop
         return self.augmentation
+
+    def _check_category(self, obj, record) -> None:
+        if self.num_classes is None:
+            return
+        c = obj.get("category_id")
+        if not isinstance(c, (int, np.integer)) or not 0 <= c < self.num_classes:
+            raise ValueError(
+                f"dataset record {record.get('file_name')!r} (image_id {record.get('image_id')!r}): "
+                f"category_id {c!r} is not a class of the model (num_classes={self.num_classes}: "
+                f"0..{self.num_classes - 1}); fix the dataset's category ids or model.num_classes"
+            )
 
     def __call__(self, dataset_dict):
         dataset_dict = copy.deepcopy(dataset_dict)
@@ -138,6 +158,7 @@ class DetrDatasetMapper:
         for obj in dataset_dict.pop("annotations", []):
             if obj.get("iscrowd", 0) != 0:
                 continue
+            self._check_category(obj, dataset_dict)
             if not self.mask_on:
                 obj.pop("segmentation", None)
             obj.pop("keypoints", None)

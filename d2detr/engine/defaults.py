@@ -3,14 +3,17 @@
 It follows Detectron2's ``tools/lazyconfig_train_net.py`` and adds what the DETR
 family needs: :class:`DetrTrainer` (AMP on CUDA and CPU, gradient clipping,
 non-finite loss guard), an optional weight EMA that is checkpointed and used for
-evaluation, and CPU multi-process training (``--num-gpus N`` starts N gloo workers
-when ``train.device`` is ``"cpu"``).
+evaluation, an exact ``--resume`` with :func:`d2detr.data.build_detr_train_loader` (its sampler
+is checkpointed as ``train_sampler`` and skips to the resumed iteration; other loaders restart
+their order, with a warning), the model's ``num_classes`` for a ``DetrDatasetMapper``, and CPU
+multi-process training (``--num-gpus N`` starts N gloo workers when ``train.device`` is ``"cpu"``).
 
 Config keys read here (``cfg.train``; see ``configs/common/train.py``): ``output_dir``,
 ``init_checkpoint``, ``max_iter``, ``device``, ``amp.enabled``, ``amp.dtype``,
 ``ddp.*``, ``clip_grad.enabled``, ``clip_grad.params.{max_norm,norm_type}``,
 ``model_ema.enabled``, ``model_ema.decay``, ``model_ema.use_for_eval``,
-``checkpointer.{period,max_to_keep}``, ``eval_period``, ``log_period``, ``progress_period``, ``seed``; plus ``cfg.model``, ``cfg.optimizer``
+``checkpointer.{period,max_to_keep}``, ``eval_period``, ``log_period``, ``progress_period``,
+``seed`` (also the per-step torch seed of :class:`DetrTrainer`); plus ``cfg.model``, ``cfg.optimizer``
 (``params.model`` is filled in), ``cfg.lr_multiplier``, ``cfg.dataloader.{train,test,evaluator}``.
 """
 import logging
@@ -18,6 +21,7 @@ import os
 from typing import Optional
 
 from detectron2.config import LazyConfig, instantiate
+from detectron2.utils.registry import locate
 from detectron2.engine import create_ddp_model, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
@@ -38,6 +42,7 @@ from .progress import ProgressHook
 from .trainer import DetrTrainer
 
 import d2detr.data  # noqa: F401,E402  registers the built-in datasets (neon_trees_*) for any config
+from d2detr.data import DetrDatasetMapper, resumable_sampler  # noqa: E402
 
 __all__ = [
     "load_config",
@@ -108,8 +113,15 @@ def build_model_ema(cfg, model) -> Optional[ModelEMA]:
     return ModelEMA(model, decay=_get(cfg, "train.model_ema.decay", 0.9998))
 
 
+def _train_seed(cfg) -> int:
+    """``train.seed``, or when it is < 0 a random seed shared by all workers."""
+    seed = int(_get(cfg, "train.seed", -1))
+    return seed if seed >= 0 else int(comm.shared_random_seed())
+
+
 def build_trainer(cfg, model, data_loader, optimizer, model_ema=None) -> DetrTrainer:
-    """:class:`DetrTrainer` configured from ``cfg.train.{amp,clip_grad}``."""
+    """:class:`DetrTrainer` configured from ``cfg.train.{amp,clip_grad,seed}`` (the per-step RNG
+    seed; with ``train.seed < 0`` a random one, kept in the checkpoint)."""
     clip = _get(cfg, "train.clip_grad", None) or {}
     clip_params = clip.get("params", None) or {}
     return DetrTrainer(
@@ -121,6 +133,7 @@ def build_trainer(cfg, model, data_loader, optimizer, model_ema=None) -> DetrTra
         clip_grad_max_norm=clip_params.get("max_norm", 0.1) if clip.get("enabled", False) else None,
         clip_grad_norm_type=clip_params.get("norm_type", 2.0),
         model_ema=model_ema,
+        seed=_train_seed(cfg),
     )
 
 
@@ -139,6 +152,20 @@ def _stored_overrides(cfg) -> dict:
     keys = read_checkpoint_overrides(str(_get(cfg, "train.init_checkpoint", "") or ""))
     values = {k: OmegaConf.select(cfg, k) for k in keys}
     return {k: OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for k, v in values.items()}
+
+
+def _set_mapper_num_classes(cfg, model) -> None:
+    """Gives a ``DetrDatasetMapper`` train mapper whose ``num_classes`` is unset the model's, so
+    a category id the model has no class for is an error naming the dataset record."""
+    mapper = _get(cfg, "dataloader.train.mapper", None)
+    num_classes = getattr(model, "num_classes", None)
+    if mapper is None or num_classes is None or "_target_" not in mapper:
+        return
+    target = mapper._target_
+    if isinstance(target, str):
+        target = locate(target)
+    if isinstance(target, type) and issubclass(target, DetrDatasetMapper) and mapper.get("num_classes") is None:
+        mapper.num_classes = int(num_classes)
 
 
 def _checkpointables(model_ema):
@@ -179,14 +206,17 @@ def do_train(args, cfg) -> DetrTrainer:
 
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
+    _set_mapper_num_classes(cfg, model)
     train_loader = instantiate(cfg.dataloader.train)
+    sampler = resumable_sampler(train_loader)  # build_detr_train_loader's: checkpointed, can skip ahead
 
     model = create_ddp_model(model, **_ddp_kwargs(cfg))
     model_ema = build_model_ema(cfg, model)
     trainer = build_trainer(cfg, model, train_loader, optimizer, model_ema)
     checkpointer = DetrCheckpointer(
         model, cfg.train.output_dir, use_ema=None, overrides=_stored_overrides(cfg),
-        trainer=trainer, **_checkpointables(model_ema)
+        trainer=trainer, **_checkpointables(model_ema),
+        **({"train_sampler": sampler} if sampler is not None else {}),
     )
     trainer.register_hooks(
         [
@@ -219,6 +249,16 @@ def do_train(args, cfg) -> DetrTrainer:
         start_iter = trainer.iter + 1
     else:
         start_iter = 0
+    if sampler is not None:
+        sampler.set_start_iter(start_iter)
+        if start_iter > 0:
+            logger.info(f"Resuming the data order at iteration {start_iter} (seed {sampler.seed}).")
+    elif start_iter > 0:
+        logger.warning(
+            f"Resuming at iteration {start_iter} with a train loader that cannot skip ahead "
+            f"({type(train_loader).__name__}): it starts its order (and augmentation RNG) anew, so the "
+            "run differs from an uninterrupted one; d2detr.data.build_detr_train_loader resumes exactly."
+        )
     trainer.train(start_iter, cfg.train.max_iter)
     return trainer
 

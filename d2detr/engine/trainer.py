@@ -9,11 +9,19 @@ as ``SimpleTrainer`` and adds what DETR-style training needs:
 * a non-finite loss check before ``backward``/optimizer step: it raises
   ``FloatingPointError`` naming the iteration on every worker, so the weights (and
   thus any later checkpoint) are never touched by the bad step;
-* an optional :class:`~d2detr.engine.ModelEMA`, updated right after each optimizer step.
+* a ``FloatingPointError`` raised while computing the losses (the matcher's check of the
+  predictions, reduced over workers so that all raise together) is re-raised naming the iteration;
+* an optional :class:`~d2detr.engine.ModelEMA`, updated right after each optimizer step;
+* with ``seed``, torch's global RNG (all devices) is re-seeded from ``(seed, iteration, rank)``
+  before every step, so dropout and denoising noise of a step do not depend on the steps before
+  it and a resumed run draws what an uninterrupted one draws. (numpy's and Python's RNGs are
+  left alone: the model does not use them, and a Detectron2 loader with ``num_workers=0`` draws
+  its augmentations from numpy's in the main process.)
 """
 import time
 from typing import Optional, Union
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from detectron2.engine import SimpleTrainer
@@ -59,6 +67,8 @@ class DetrTrainer(SimpleTrainer):
         clip_grad_max_norm: clip the norm of all gradients to this value; ``None``/0 disables.
         clip_grad_norm_type: the norm's type (2.0 = Euclidean).
         model_ema: a :class:`ModelEMA` to update after every optimizer step.
+        seed: re-seed torch's RNG before every step from ``(seed, iteration, rank)``
+            (checkpointed in :meth:`state_dict`); None keeps one stream for the whole run.
     """
 
     def __init__(
@@ -72,6 +82,7 @@ class DetrTrainer(SimpleTrainer):
         clip_grad_max_norm: Optional[float] = None,
         clip_grad_norm_type: float = 2.0,
         model_ema: Optional[ModelEMA] = None,
+        seed: Optional[int] = None,
         gather_metric_period: int = 1,
         zero_grad_before_forward: bool = False,
         async_write_metrics: bool = False,
@@ -96,22 +107,38 @@ class DetrTrainer(SimpleTrainer):
         self.clip_grad_max_norm = float(clip_grad_max_norm) if clip_grad_max_norm else None
         self.clip_grad_norm_type = float(clip_grad_norm_type)
         self.model_ema = model_ema
+        self.seed = None if seed is None else int(seed)
+
+    def seed_step(self) -> None:
+        """Seeds torch's RNG (all devices) from ``(seed, iteration, rank)``."""
+        if self.seed is None:
+            return
+        state = np.random.SeedSequence([self.seed, int(self.iter), comm.get_rank()]).generate_state(1)
+        torch.manual_seed(int(state[0]))
 
     def run_step(self):
         assert self.model.training, "[DetrTrainer] model was changed to eval mode!"
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
+        # after next(): the loader's first next() draws from torch's RNG (the iterator's base seed)
+        self.seed_step()
 
         if self.zero_grad_before_forward:
             self.optimizer.zero_grad()
-        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp):
-            loss_dict = self.model(data)
-            if isinstance(loss_dict, torch.Tensor):
-                losses = loss_dict
-                loss_dict = {"total_loss": loss_dict}
-            else:
-                losses = sum(loss_dict.values())
+        try:
+            with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp):
+                loss_dict = self.model(data)
+                if isinstance(loss_dict, torch.Tensor):
+                    losses = loss_dict
+                    loss_dict = {"total_loss": loss_dict}
+                else:
+                    losses = sum(loss_dict.values())
+        except FloatingPointError as e:  # e.g. the matcher's check of the predictions
+            raise FloatingPointError(
+                f"{e} at iteration={self.iter}; training stopped before the optimizer step, so weights "
+                "and checkpoints are untouched."
+            ) from e
         self._raise_if_nonfinite(losses, loss_dict)
 
         if not self.zero_grad_before_forward:
@@ -175,9 +202,13 @@ class DetrTrainer(SimpleTrainer):
         ret = super().state_dict()
         if self.grad_scaler is not None:
             ret["grad_scaler"] = self.grad_scaler.state_dict()
+        if self.seed is not None:
+            ret["seed"] = self.seed
         return ret
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        if self.seed is not None and "seed" in state_dict:
+            self.seed = int(state_dict["seed"])

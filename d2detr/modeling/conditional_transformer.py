@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2detr.layers.mlp import MLP
+from d2detr.layers.precision import geometry_forward
 from d2detr.modeling.transformer import (
     TransformerEncoder,
     TransformerEncoderLayer,
@@ -281,7 +282,7 @@ class ConditionalDetrDecoder(nn.Module):
         query_pos: Tensor,
         memory_key_padding_mask: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
-        reference = self.ref_point_head(query_pos).sigmoid()
+        reference = geometry_forward(self.ref_point_head, query_pos).sigmoid()  # float32 under autocast
         sine = gen_sineembed_for_position(reference[..., :2], self.d_model // 2)
         output = tgt
         intermediate: List[Tensor] = []

@@ -30,6 +30,7 @@ from d2detr.layers.box_ops import inverse_sigmoid
 from d2detr.layers.dynamic_shapes import num_selected
 from d2detr.layers.mlp import MLP
 from d2detr.layers.ms_deform_attn import MultiScaleDeformableAttention
+from d2detr.layers.precision import geometry_dtype, geometry_forward
 
 from .conditional_transformer import gen_sineembed_for_position
 from .transformer import _clones, get_activation_fn, with_pos_embed, xavier_init_
@@ -390,12 +391,6 @@ class AnchorDeformableDecoder(DeformableTransformerDecoder):
                                None, memory_padding_mask, self_attn_mask)
 
 
-def geometry_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of reference points, valid ratios and proposal grids for features of ``dtype``:
-    float32 for half / bfloat16 (autocast), float64 stays float64."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def get_valid_ratio(mask: Tensor) -> Tensor:
     """``mask[N, H, W]`` (True = padding) -> ``[N, 2]`` valid (width, height) fractions."""
     _, H, W = mask.shape
@@ -651,7 +646,8 @@ class DeformableDetrTransformer(nn.Module):
         query_pos, tgt = torch.split(query_embed, c, dim=1)
         query_pos = query_pos.unsqueeze(0).expand(bs, -1, -1)
         tgt = tgt.unsqueeze(0).expand(bs, -1, -1)
-        return tgt, query_pos, self.reference_points(query_pos).sigmoid(), None, None
+        # the reference points stay float32 under autocast (see d2detr.layers.precision)
+        return tgt, query_pos, geometry_forward(self.reference_points, query_pos).sigmoid(), None, None
 
     # --------------------------------------------------------------- forward
     def forward(

@@ -2,12 +2,53 @@
 from typing import Dict, List, Tuple
 
 import torch
+import torch.distributed as dist
+from detectron2.utils import comm
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from d2detr.layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
-__all__ = ["HungarianMatcher"]
+__all__ = ["HungarianMatcher", "check_matcher_inputs"]
+
+
+def check_matcher_inputs(outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]], use_focal: bool) -> None:
+    """Raises on every DDP worker together, before any matching, when on at least one worker the
+    predictions (``pred_logits``, ``pred_boxes``) are not finite (``FloatingPointError``: an
+    overflow would otherwise raise inside the assignment of that worker alone, leaving the others
+    waiting in the next all-reduce) or a target label is not a class of the model (``ValueError``;
+    ``num_classes`` is the logits' width, minus the no-object logit without ``use_focal``).
+    One all-reduce of a ``[2, world_size]`` flag; the messages name the workers."""
+    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+    num_classes = logits.shape[-1] - (0 if use_focal else 1)
+    world, rank = comm.get_world_size(), comm.get_rank()
+    flags = torch.zeros(2, world, dtype=torch.float32, device=logits.device)
+    flags[0, rank] = (~torch.isfinite(logits.detach()).all() | ~torch.isfinite(boxes.detach()).all()).float()
+    labels = [t["labels"] for t in targets if len(t["labels"])]
+    if labels:
+        labels = torch.cat(labels).to(logits.device)
+        flags[1, rank] = ((labels < 0) | (labels >= num_classes)).any().float()
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flags)
+    bad = flags.cpu() > 0
+    if bad[0].any():
+        ranks = bad[0].nonzero().flatten().tolist()
+        where = f" on worker(s) {ranks} of {world}" if world > 1 else ""
+        raise FloatingPointError(
+            f"non-finite predictions (NaN/inf in pred_logits or pred_boxes, found before matching){where}"
+        )
+    if bad[1].any():
+        ranks = bad[1].nonzero().flatten().tolist()
+        where = f" on worker(s) {ranks} of {world}" if world > 1 else ""
+        mine = ""
+        if bad[1, rank]:
+            found = sorted({int(v) for v in labels.tolist() if not 0 <= v < num_classes})
+            mine = f" (labels {found} here)"
+        raise ValueError(
+            f"target labels outside 0..{num_classes - 1} (the model has {num_classes} classes){where}{mine}; "
+            "the dataset's category ids do not fit model.num_classes (DetrDatasetMapper(num_classes=...) "
+            "names the record)"
+        )
 
 
 class HungarianMatcher(nn.Module):
@@ -25,7 +66,9 @@ class HungarianMatcher(nn.Module):
     ``outputs["pred_boxes"] [B,Q,4]`` normalised cxcywh; ``targets`` a list of
     dicts with ``labels [n]`` and ``boxes [n,4]`` (normalised cxcywh). Returns one
     ``(query_idx, target_idx)`` pair of int64 CPU tensors per image, of length
-    ``min(Q, n)``; images without targets get empty tensors.
+    ``min(Q, n)``; images without targets get empty tensors. Non-finite predictions and labels
+    that are not classes of the model raise on every DDP worker together
+    (:func:`check_matcher_inputs`).
     """
 
     def __init__(
@@ -81,6 +124,7 @@ class HungarianMatcher(nn.Module):
     def forward(
         self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]
     ) -> List[Tuple[Tensor, Tensor]]:
+        check_matcher_inputs(outputs, targets, self.use_focal)  # on every worker, even without targets
         sizes = [len(t["boxes"]) for t in targets]
         empty = torch.empty(0, dtype=torch.int64)
         if sum(sizes) == 0:

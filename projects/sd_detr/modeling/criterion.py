@@ -28,6 +28,7 @@ from torch import Tensor
 
 from d2detr.layers.box_ops import box_cxcywh_to_xyxy, box_iou
 from d2detr.modeling.criterion import SetCriterion
+from d2detr.modeling.matcher import check_matcher_inputs
 
 __all__ = ["SDDETRCriterion", "task_alignment_targets", "task_aligned_focal_loss"]
 
@@ -89,6 +90,7 @@ class SDDETRCriterion(SetCriterion):
         times: ``(query_idx, target_idx)`` per image, sorted by target."""
         if repeats == 1:
             return self.matcher(outputs, targets)
+        check_matcher_inputs(outputs, targets, self.use_focal)  # every worker raises together
         sizes = [len(t["boxes"]) for t in targets]
         empty = torch.empty(0, dtype=torch.int64)
         if sum(sizes) == 0:
