@@ -43,7 +43,9 @@ def get_parser():
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--sample-image", help="image to trace/export with (default: a synthetic 480x640 one)")
     parser.add_argument("--dataset", help="dataset whose class names are stored in the file (default: the config's test set)")
-    parser.add_argument("--min-size", type=int, default=64, help="torch_export, onnx: smallest H/W accepted")
+    parser.add_argument("--min-size", type=int, default=None,
+                        help="torch_export, onnx: smallest H/W accepted (default: the model's smallest, "
+                             "1 + its largest feature stride, e.g. 65 for Deformable DETR R50)")
     parser.add_argument("--max-size", type=int, default=4096, help="torch_export, onnx: largest H/W accepted")
     parser.add_argument("--deform-attn", choices=sorted(DEFORM_ATTN_LOWERINGS), default="grid_sample",
                         help="onnx: deformable attention as standard operators (default) or one TensorRT plugin node")

@@ -14,7 +14,7 @@ extra file, so a user without d2detr still knows what the classes are.
 """
 import json
 import warnings
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ from d2detr.layers.ms_deform_attn import (
     native_ms_deform_attn_available,
 )
 
-from .wrapper import ExportableDetector
+from .wrapper import ExportableDetector, feature_strides, min_image_size
 
 __all__ = [
     "METADATA_FILE",
@@ -34,6 +34,7 @@ __all__ = [
     "load_exported",
     "read_metadata",
     "check_native_op",
+    "dynamic_size_range",
 ]
 
 METADATA_FILE = "d2detr.json"
@@ -63,6 +64,52 @@ def _metadata(model: nn.Module, class_names: Optional[Sequence[str]], fmt: str) 
         "class_names": list(class_names) if class_names is not None else None,
         "needs_library": "d2detr._C (torch.ops.load_library) for d2detr::ms_deform_attn",
     }
+
+
+def dynamic_size_range(model: nn.Module, sample_image: Tensor, min_size: Optional[int] = None,
+                       max_size: int = 4096) -> Tuple[int, int]:
+    """``(min_size, max_size)`` of the dynamic height and width of an exported graph, checked
+    against the model and the sample image. ``min_size=None``: the model's smallest,
+    :func:`~d2detr.export.wrapper.min_image_size` (1 + its largest feature stride); a smaller
+    value is refused here with the reason, rather than by ``torch.export``'s constraint solver."""
+    needed = min_image_size(model)
+    if min_size is None:
+        min_size = needed
+    elif min_size < needed:
+        raise ValueError(
+            f"min_size {min_size} cannot work for {type(model).__name__}: its coarsest feature map has stride "
+            f"{max(feature_strides(model))}, and a dynamic height/width needs it at least 2 cells wide "
+            f"(torch.export specialises sizes 1), so images must be at least {needed} pixels; "
+            f"use min_size >= {needed} (--min-size {needed}), or leave it unset"
+        )
+    if max_size < min_size:
+        raise ValueError(f"max_size {max_size} is smaller than min_size {min_size}")
+    h, w = int(sample_image.shape[-2]), int(sample_image.shape[-1])
+    if not (min_size <= h <= max_size and min_size <= w <= max_size):
+        raise ValueError(
+            f"sample image {h}x{w} is outside the exported size range [{min_size}, {max_size}]; "
+            "give a sample image inside it"
+        )
+    return min_size, max_size
+
+
+def _size_dims(min_size: int, max_size: int) -> Dict:
+    from torch.export import Dim
+
+    return {"image": {1: Dim("height", min=min_size, max=max_size), 2: Dim("width", min=min_size, max=max_size)}}
+
+
+def _explain_constraint_violation(e: Exception, model: nn.Module, min_size: int, max_size: int) -> None:
+    """torch.export's ``Constraints violated`` -> a ``ValueError`` saying what to change."""
+    text = str(e)
+    if "Constraints violated" in text:
+        suggested = [line.strip() for line in text.splitlines() if "Dim(" in line]
+        raise ValueError(
+            f"{type(model).__name__} cannot be exported for every height/width in [{min_size}, {max_size}]: "
+            f"torch.export needs {'; '.join(suggested) or 'another range'} (its message: "
+            f"{text.splitlines()[1].strip() if len(text.splitlines()) > 1 else text}); "
+            "pass --min-size/--max-size inside that range"
+        ) from e
 
 
 def _wrap(model: nn.Module) -> ExportableDetector:
@@ -112,22 +159,26 @@ def export_torch_export(
     model: nn.Module,
     sample_image: Tensor,
     path: str,
-    min_size: int = 64,
+    min_size: Optional[int] = None,
     max_size: int = 4096,
     class_names: Optional[Sequence[str]] = None,
 ) -> "torch.export.ExportedProgram":
     """``torch.export`` of ``ExportableDetector(model)`` with dynamic height and width in
-    ``[min_size, max_size]``, saved to ``path`` (``.pt2``); returns the ExportedProgram."""
-    from torch.export import Dim
-
+    ``[min_size, max_size]`` (``min_size=None``: the smallest the model allows, see
+    :func:`dynamic_size_range`), saved to ``path`` (``.pt2``); returns the ExportedProgram.
+    The program rejects, at run time, inputs that are not ``[3, H, W]`` or whose size is outside
+    the range (torch.export's input guards)."""
     wrapper = _wrap(model)
-    h, w = int(sample_image.shape[-2]), int(sample_image.shape[-1])
-    if not (min_size <= h <= max_size and min_size <= w <= max_size):
-        raise ValueError(f"sample image {h}x{w} is outside the exported size range [{min_size}, {max_size}]")
-    dynamic = {"image": {1: Dim("height", min=min_size, max=max_size), 2: Dim("width", min=min_size, max=max_size)}}
+    min_size, max_size = dynamic_size_range(model, sample_image, min_size, max_size)
     with torch.no_grad():
-        program = torch.export.export(wrapper, (sample_image,), dynamic_shapes=dynamic)
-    extra = {METADATA_FILE: json.dumps(_metadata(model, class_names, "torch_export"))}
+        try:
+            program = torch.export.export(wrapper, (sample_image,), dynamic_shapes=_size_dims(min_size, max_size))
+        except Exception as e:  # torch._dynamo.exc.UserError and friends
+            _explain_constraint_violation(e, model, min_size, max_size)
+            raise
+    meta = _metadata(model, class_names, "torch_export")
+    meta["min_size"], meta["max_size"] = min_size, max_size
+    extra = {METADATA_FILE: json.dumps(meta)}
     torch.export.save(program, path, extra_files=extra)
     return program
 

@@ -31,7 +31,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .api import METADATA_FILE, _metadata, _wrap
+from .api import METADATA_FILE, _metadata, _size_dims, _wrap, dynamic_size_range
 
 __all__ = [
     "DEFORM_ATTN_LOWERINGS",
@@ -161,26 +161,23 @@ def export_onnx(
     path: str,
     deform_attn: str = "grid_sample",
     opset: int = OPSET,
-    min_size: int = 64,
+    min_size: Optional[int] = None,
     max_size: int = 4096,
     class_names: Optional[Sequence[str]] = None,
 ):
     """Exports ``ExportableDetector(model)`` to ONNX at ``path`` with the dynamo exporter:
-    input ``image`` ``[3, height, width]`` (dynamic, in ``[min_size, max_size]``), outputs
+    input ``image`` ``[3, height, width]`` (dynamic, in ``[min_size, max_size]``; ``min_size=None``:
+    the smallest the model allows, see :func:`~d2detr.export.api.dynamic_size_range`), outputs
     ``boxes``, ``scores``, ``classes``; the ``d2detr.json`` metadata (class names, input format,
     ...) in the model's ``metadata_props``. ``deform_attn`` picks the lowering of the deformable
     attention op (see the module docstring). Returns the ``torch.onnx.ONNXProgram``."""
-    from torch.export import Dim
-
     if deform_attn not in DEFORM_ATTN_LOWERINGS:
         raise ValueError(f"deform_attn must be one of {sorted(DEFORM_ATTN_LOWERINGS)}, got {deform_attn!r}")
     if opset < 16:
         raise ValueError(f"opset must be >= 16 (GridSample), got {opset}")
     wrapper = _wrap(model)
-    h, w = int(sample_image.shape[-2]), int(sample_image.shape[-1])
-    if not (min_size <= h <= max_size and min_size <= w <= max_size):
-        raise ValueError(f"sample image {h}x{w} is outside the exported size range [{min_size}, {max_size}]")
-    dynamic = {"image": {1: Dim("height", min=min_size, max=max_size), 2: Dim("width", min=min_size, max=max_size)}}
+    min_size, max_size = dynamic_size_range(model, sample_image, min_size, max_size)
+    dynamic = _size_dims(min_size, max_size)
     table = {torch.ops.d2detr.ms_deform_attn.default: DEFORM_ATTN_LOWERINGS[deform_attn]}
     with torch.no_grad():
         program = torch.onnx.export(
@@ -196,6 +193,7 @@ def export_onnx(
             verbose=False,
         )
     meta = _metadata(model, class_names, f"onnx-{deform_attn}")
+    meta["min_size"], meta["max_size"] = min_size, max_size
     # An ONNX input has one element type: that of the sample (uint8 from the tool).
     meta["input"] = f"image {str(sample_image.dtype).replace('torch.', '')} [3, H, W] (0-255), any H and W"
     meta["needs_library"] = (

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2detr.layers import MLP
+from d2detr.layers.dynamic_shapes import num_selected
 from d2detr.modeling.deformable_transformer import gen_encoder_output_proposals
 from d2detr.modeling.meta_arch.detr_base import init_focal_heads
 
@@ -98,7 +99,7 @@ class MiniDetector(nn.Module):
         logits = self.class_embed(output_memory)
         coords_unact = self.bbox_embed(output_memory) + proposals
         score = logits[..., 0].masked_fill(~torch.isfinite(proposals).all(-1), float("-inf"))
-        topk = torch.topk(score, min(k, score.shape[1]), dim=1).indices
+        topk = torch.topk(score, num_selected(k, score, 1), dim=1).indices  # dynamic when exported
         anchors = torch.gather(coords_unact, 1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach().sigmoid()
         return anchors, logits, coords_unact.sigmoid()
 
