@@ -228,6 +228,14 @@ def get_packages():
         for sub in find_namespace_packages(where=proj, exclude=("*__pycache__*",)):
             pkgs.append(f"{root}.{sub}")
             package_dir[f"{root}.{sub}"] = os.path.join(rel, *sub.split("."))
+    # configs/ installs as d2detr.configs (data: LazyConfig files, loaded by path), so that a
+    # project config's `from ....configs.common ...` finds d2detr/configs/common in a wheel as it
+    # finds configs/common in the checkout; d2detr.model_zoo looks in both places.
+    pkgs.append("d2detr.configs")
+    package_dir["d2detr.configs"] = "configs"
+    for sub in find_namespace_packages(where=os.path.join(ROOT, "configs"), exclude=("*__pycache__*",)):
+        pkgs.append(f"d2detr.configs.{sub}")
+        package_dir[f"d2detr.configs.{sub}"] = os.path.join("configs", *sub.split("."))
     return pkgs, package_dir, package_data
 
 

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
@@ -64,6 +65,26 @@ class DETRBase(nn.Module):
     #: Set to True in a subclass whose ``forward_features`` takes a ``targets`` keyword
     #: (e.g. denoising queries); it receives the prepared targets in training, None otherwise.
     forward_features_needs_targets: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        """Every concrete meta-architecture lands in Detectron2's ``META_ARCH_REGISTRY`` under its
+        class name (``*Base`` classes are abstract and skipped), so
+        ``META_ARCH_REGISTRY.get("DINO")`` finds it once its project is imported."""
+        super().__init_subclass__(**kwargs)
+        if cls.__name__.endswith("Base"):
+            return
+        existing = META_ARCH_REGISTRY._obj_map.get(cls.__name__)
+        if existing is None:
+            META_ARCH_REGISTRY.register(cls)
+        elif existing.__qualname__ != cls.__qualname__ or existing.__module__.split(".")[-1] != cls.__module__.split(".")[-1]:
+            # (The same file imported twice under two package names, the checkout's
+            # ``projects.<name>`` and ``d2detr.projects.<name>``, is the same model: silent.)
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "META_ARCH_REGISTRY: %r is taken by %s.%s; %s.%s is not registered (give it another name)",
+                cls.__name__, existing.__module__, existing.__qualname__, cls.__module__, cls.__qualname__,
+            )
 
     def __init__(
         self,
