@@ -10,7 +10,7 @@ Config keys read here (``cfg.train``; see ``configs/common/train.py``): ``output
 ``init_checkpoint``, ``max_iter``, ``device``, ``amp.enabled``, ``amp.dtype``,
 ``ddp.*``, ``clip_grad.enabled``, ``clip_grad.params.{max_norm,norm_type}``,
 ``model_ema.enabled``, ``model_ema.decay``, ``checkpointer.{period,max_to_keep}``,
-``eval_period``, ``log_period``, ``seed``; plus ``cfg.model``, ``cfg.optimizer``
+``eval_period``, ``log_period``, ``seed``, ``time_budget.*`` (``d2detr/engine/time_budget.py``); plus ``cfg.model``, ``cfg.optimizer``
 (``params.model`` is filled in), ``cfg.lr_multiplier``, ``cfg.dataloader.{train,test,evaluator}``.
 """
 import logging
@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from .ema import ModelEMA
 from .launch import launch
+from .time_budget import build_time_budget, train_for_budget
 from .trainer import DetrTrainer
 
 import d2detr.data  # noqa: F401,E402  registers the built-in datasets (neon_trees_*) for any config
@@ -148,16 +149,19 @@ def do_train(args, cfg) -> DetrTrainer:
     checkpointer = DetectionCheckpointer(
         model, cfg.train.output_dir, trainer=trainer, **_checkpointables(model_ema)
     )
+    # train.time_budget.seconds: the LR schedule runs over the budget's time, not max_iter.
+    budget = build_time_budget(cfg, lambda: do_test(cfg, model, model_ema))
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
-            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            budget or hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             (
                 hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
                 if comm.is_main_process()
                 else None
             ),
-            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, model_ema)),
+            # With a budget, its eval_fractions replace the periodic evaluation; the last one stays here.
+            hooks.EvalHook(0 if budget else cfg.train.eval_period, lambda: do_test(cfg, model, model_ema)),
             (
                 hooks.PeriodicWriter(
                     default_writers(cfg.train.output_dir, cfg.train.max_iter),
@@ -178,7 +182,10 @@ def do_train(args, cfg) -> DetrTrainer:
         start_iter = trainer.iter + 1
     else:
         start_iter = 0
-    trainer.train(start_iter, cfg.train.max_iter)
+    if budget is not None:
+        train_for_budget(trainer, budget, start_iter, cfg.train.max_iter)
+    else:
+        trainer.train(start_iter, cfg.train.max_iter)
     return trainer
 
 
