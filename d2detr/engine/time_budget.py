@@ -211,9 +211,9 @@ def train_for_budget(trainer, budget: TimeBudget, start_iter: int = 0, max_iter:
     """Detectron2's ``TrainerBase.train`` loop, ended by ``budget`` (registered as one of
     ``trainer``'s hooks) or by ``max_iter`` (an upper bound; default: none).
 
-    When the loop ends, ``trainer.max_iter`` is set to the iterations done, so the hooks'
-    "after the last iteration" actions (``EvalHook``'s final evaluation, the
-    ``PeriodicCheckpointer``'s ``model_final``) run in ``after_train`` as after a normal run.
+    When the loop ends, ``trainer.max_iter`` is set to the iterations done and the
+    ``PeriodicCheckpointer`` writes ``model_final`` (as after step ``max_iter - 1`` of a normal
+    run), so ``EvalHook``'s final evaluation runs in ``after_train`` as after a normal run.
     """
     if budget not in trainer._hooks:
         raise ValueError("the TimeBudget must be registered with trainer.register_hooks first")
@@ -233,9 +233,17 @@ def train_for_budget(trainer, budget: TimeBudget, start_iter: int = 0, max_iter:
                 trainer.after_step()
                 trainer.iter += 1
             trainer.max_iter = trainer.iter
-            for h in trainer._hooks:
-                if isinstance(h, hooks.PeriodicCheckpointer):
-                    h.max_iter = trainer.iter  # read in its before_train; the end is known only now
+            if trainer.iter > start_iter:
+                for h in trainer._hooks:
+                    if isinstance(h, hooks.PeriodicCheckpointer):
+                        # It saves model_final after step max_iter - 1; the end is known only now.
+                        # The trainer state saved must read as after that step, as in a normal run.
+                        h.max_iter = trainer.iter
+                        trainer.iter -= 1
+                        try:
+                            h.step(trainer.iter)
+                        finally:
+                            trainer.iter += 1
         except Exception:
             logger.exception("Exception during training:")
             raise
