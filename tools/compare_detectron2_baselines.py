@@ -253,7 +253,7 @@ def plot(results: Dict, path: str) -> str:
     import matplotlib.pyplot as plt
 
     styles = {"faster_rcnn": ("tab:blue", "s", "--"), "retinanet": ("tab:green", "^", "--"),
-              "dino_recipe": ("tab:red", "o", "-"), "dino": ("tab:orange", "D", "-"),
+              "dino_recipe": ("tab:orange", "o", "-"), "dino_recipe_bf16": ("tab:red", "o", "-"), "dino": ("tab:orange", "D", "-"),
               "deformable_demo": ("tab:gray", "v", "-")}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     methods = results["methods"]

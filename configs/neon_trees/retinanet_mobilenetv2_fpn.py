@@ -30,4 +30,8 @@ model.pixel_mean = PIXEL_MEAN
 model.pixel_std = PIXEL_STD
 model.input_format = "RGB"
 
+# lr 0.01 (the Faster R-CNN's) diverged (NaN loss at iteration 81) in the 2026-12-02 comparison;
+# half of it is used here. NOT measured yet: docs/detectron2_baselines.md.
+optimizer.lr = 0.005
+
 train.output_dir = "./output/baselines/retinanet"
