@@ -1,18 +1,22 @@
 #!/usr/bin/env python
-"""`make demo`: train a small Deformable DETR on real aerial tree crowns on the CPU.
+"""`make demo`: train a small DINO on real aerial tree crowns on the CPU for a time budget.
 
-    python tools/neon_trees_demo.py                      # ~12 min on 2 idle CPU cores
+    python tools/neon_trees_demo.py                      # 15 min of 2-thread CPU time, + evaluations
     python tools/neon_trees_demo.py --fresh              # discard output/neon_trees_demo first
-    python tools/neon_trees_demo.py --max-iter 4 train.checkpointer.period=1000   # smoke run
+    python tools/neon_trees_demo.py --budget-min 0.2 --output-dir /tmp/demo_smoke   # smoke run
+    python tools/neon_trees_demo.py --budget-min 0 --max-iter 600   # a fixed number of iterations instead
 
 Steps, all with the project's own machinery:
 
-1. trains ``projects/deformable_detr/configs/deformable_detr_mobilenetv2_neon_trees.py``
-   (MobileNetV2 with the offline ImageNet weights, ``neon_trees_train``) through
-   ``d2detr.engine.do_train`` -- the loop behind ``tools/train_net.py`` -- evaluating on
-   ``neon_trees_val`` with Detectron2's ``COCOEvaluator`` every ``train.eval_period``
-   iterations and after the last one;
-2. prints the final COCO AP table;
+1. trains ``configs/neon_trees/dino_recipe.py`` (DINO, MobileNetV2 with the offline ImageNet
+   weights, ``neon_trees_train``) through ``d2detr.engine.do_train`` -- the loop behind
+   ``tools/train_net.py`` -- for the config's ``train.time_budget`` (15 minutes of this
+   process's CPU time per thread; ``d2detr/engine/time_budget.py``: the LR schedule ends when
+   the budget does), evaluating on ``neon_trees_val`` with Detectron2's ``COCOEvaluator`` at
+   quarters of the budget and at its end;
+2. prints the final COCO AP table, and beside it Detectron2's Faster R-CNN / RetinaNet figures
+   from the last ``tools/compare_detectron2_baselines.py`` run (``docs/detectron2_baselines.json``,
+   with its date and command);
 3. draws ground truth (left) and predictions (right) of every validation tile with
    Detectron2's ``Visualizer`` to ``<output>/predictions/<tile>.png``;
 4. plots the training curves (losses, learning rate and AP against the iteration) from
@@ -38,9 +42,8 @@ from typing import Dict, List, Optional
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
-DEFAULT_CONFIG = os.path.join(
-    _REPO, "projects", "deformable_detr", "configs", "deformable_detr_mobilenetv2_neon_trees.py"
-)
+DEFAULT_CONFIG = os.path.join(_REPO, "configs", "neon_trees", "dino_recipe.py")
+BASELINES_JSON = os.path.join(_REPO, "docs", "detectron2_baselines.json")
 DEFAULT_OUTPUT = os.path.join("output", "neon_trees_demo")
 COCO_BBOX_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -53,10 +56,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--config-file", default=DEFAULT_CONFIG, help="LazyConfig to train")
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT, help="train.output_dir (default %(default)s)")
-    p.add_argument("--max-iter", type=int, default=None, help="override train.max_iter")
+    p.add_argument("--max-iter", type=int, default=None, help="override train.max_iter (an upper bound under a budget)")
+    p.add_argument("--budget-min", type=float, default=None,
+                   help="override train.time_budget.seconds, in minutes; 0 trains train.max_iter iterations")
     p.add_argument("--num-threads", type=int, default=2, help="torch.set_num_threads (default %(default)s)")
     p.add_argument("--fresh", action="store_true", help="delete the output folder and train from scratch")
-    p.add_argument("--score-thresh", type=float, default=0.3, help="drawn predictions' minimum score")
+    p.add_argument("--score-thresh", type=float, default=None,
+                   help="drawn predictions' minimum score (default: the config's demo.score_threshold, else 0.3)")
+    p.add_argument("--baselines-json", default=BASELINES_JSON, help="comparison results printed beside the AP table")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     return p.parse_args(argv)
 
@@ -81,6 +88,25 @@ def train_and_evaluate(config_file: str, output_dir: str, opts: List[str], resum
         (k.split("/", 1)[1], float(v)) for k, (v, _) in sorted(latest.items()) if k.startswith("bbox/")
     )
     return cfg, trainer, {"bbox": bbox} if bbox else {}
+
+
+def format_baselines(path: str) -> str:
+    """The last baseline comparison (``tools/compare_detectron2_baselines.py``'s JSON) as a
+    markdown table with its date, command and budget; a line saying so if there is none."""
+    if not os.path.isfile(path):
+        return f"(no baseline comparison at {path})"
+    with open(path) as f:
+        results = json.load(f)
+    lines = ["| model | AP | AP50 | AP75 | iterations | budget |", "|---|---:|---:|---:|---:|---|"]
+    for name, r in results.get("methods", {}).items():
+        f_ = r.get("final", {})
+        lines.append(
+            f"| {r.get('label', name)} | {f_.get('AP', float('nan')):.1f} | {f_.get('AP50', float('nan')):.1f} "
+            f"| {f_.get('AP75', float('nan')):.1f} | {r.get('iterations', '?')} "
+            f"| {r.get('budget_s', 0) / 60:.0f} min, {r.get('clock', '?')} clock, {r.get('num_threads', '?')} thread(s) |"
+        )
+    head = f"Last comparison ({results.get('date_utc', '?')}): `{results.get('command', '?')}`"
+    return head + "\n" + "\n".join(lines)
 
 
 def format_ap_table(results: Dict) -> str:
@@ -217,6 +243,10 @@ def main(argv=None) -> Dict:
     opts = [o for o in args.opts if o != "--"]
     if args.max_iter is not None:
         opts.append(f"train.max_iter={args.max_iter}")
+    if args.budget_min is not None:
+        if args.budget_min < 0:
+            raise SystemExit("--budget-min must be >= 0")
+        opts.append(f"train.time_budget.seconds={args.budget_min * 60.0}")
     if args.fresh and os.path.isdir(args.output_dir):
         shutil.rmtree(args.output_dir)
     resume = os.path.isfile(os.path.join(args.output_dir, "last_checkpoint"))
@@ -225,17 +255,24 @@ def main(argv=None) -> Dict:
     cfg, trainer, results = train_and_evaluate(args.config_file, args.output_dir, opts, resume)
     train_eval_s = time.perf_counter() - start
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
-    pngs = draw_predictions(cfg, model, os.path.join(args.output_dir, "predictions"), args.score_thresh)
+    score_thresh = args.score_thresh
+    if score_thresh is None:
+        score_thresh = float(cfg.get("demo", {}).get("score_threshold", 0.3))
+    pngs = draw_predictions(cfg, model, os.path.join(args.output_dir, "predictions"), score_thresh)
     curves = plot_training_curves(
         os.path.join(args.output_dir, "metrics.json"), os.path.join(args.output_dir, "training_curves.png")
     )
     total_s = time.perf_counter() - start
 
     print()
-    print(f"neon_trees_val, COCO bbox metrics after {cfg.train.max_iter} iterations "
-          f"({'resumed' if resume else 'trained from scratch'}; {args.num_threads} threads):")
+    budget = (cfg.train.get("time_budget", None) or {}).get("seconds", 0)
+    spent = f", a {budget / 60:.1f} min budget ({cfg.train.time_budget.clock} clock)" if budget else ""
+    print(f"neon_trees_val, COCO bbox metrics of {os.path.relpath(args.config_file, _REPO)} after {trainer.iter} "
+          f"iterations{spent} ({'resumed' if resume else 'trained from scratch'}; {args.num_threads} threads):")
     print(format_ap_table(results) if results else "(no evaluation results)")
-    print(f"predictions drawn: {len(pngs)} PNGs in {os.path.dirname(pngs[0]) if pngs else '-'}")
+    print()
+    print(format_baselines(args.baselines_json))
+    print(f"predictions drawn (score >= {score_thresh}): {len(pngs)} PNGs in {os.path.dirname(pngs[0]) if pngs else '-'}")
     print(f"training curves:   {curves}")
     print(f"wall time: train + eval {train_eval_s / 60:.1f} min, total {total_s / 60:.1f} min")
     return {"results": results, "pngs": pngs, "curves": curves, "wall_s": total_s, "cfg": cfg}

@@ -30,6 +30,10 @@ train = dict(
     eval_period=5000,  # COCO evaluation every N iterations (and after the last); 0: only at the end
     log_period=20,  # metrics.json, TensorBoard and the console line with ETA
     progress_period=None,  # stdout line "iter i/max s/it ETA loss" every N iterations (None: log_period, 0: off)
+    # seconds > 0: train for this much training time instead of max_iter (an upper bound then);
+    # the LR schedule runs over the budget. clock "wall" or "process" (CPU time / threads).
+    # See d2detr/engine/time_budget.py.
+    time_budget=dict(seconds=0, clock="process", threads=None, eval_fractions=[]),
     seed=-1,  # < 0: random; else every worker seeds with seed + rank
     cudnn_benchmark=False,
 )

@@ -13,7 +13,8 @@ Config keys read here (``cfg.train``; see ``configs/common/train.py``): ``output
 ``ddp.*``, ``clip_grad.enabled``, ``clip_grad.params.{max_norm,norm_type}``,
 ``model_ema.enabled``, ``model_ema.decay``, ``model_ema.use_for_eval``,
 ``checkpointer.{period,max_to_keep}``, ``eval_period``, ``log_period``, ``progress_period``,
-``seed`` (also the per-step torch seed of :class:`DetrTrainer`); plus ``cfg.model``, ``cfg.optimizer``
+``seed`` (also the per-step torch seed of :class:`DetrTrainer`), ``time_budget.*``
+(``d2detr/engine/time_budget.py``); plus ``cfg.model``, ``cfg.optimizer``
 (``params.model`` is filled in), ``cfg.lr_multiplier``, ``cfg.dataloader.{train,test,evaluator}``.
 """
 import logging
@@ -39,6 +40,7 @@ from d2detr.checkpoint import (
 from .ema import ModelEMA
 from .launch import launch
 from .progress import ProgressHook
+from .time_budget import build_time_budget, train_for_budget
 from .trainer import DetrTrainer
 
 import d2detr.data  # noqa: F401,E402  registers the built-in datasets (neon_trees_*) for any config
@@ -218,16 +220,19 @@ def do_train(args, cfg) -> DetrTrainer:
         trainer=trainer, **_checkpointables(model_ema),
         **({"train_sampler": sampler} if sampler is not None else {}),
     )
+    # train.time_budget.seconds: the LR schedule runs over the budget's time, not max_iter.
+    budget = build_time_budget(cfg, lambda: do_test(cfg, model, model_ema))
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
-            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            budget or hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             (
                 hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
                 if comm.is_main_process()
                 else None
             ),
-            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, model_ema)),
+            # With a budget, its eval_fractions replace the periodic evaluation; the last one stays here.
+            hooks.EvalHook(0 if budget else cfg.train.eval_period, lambda: do_test(cfg, model, model_ema)),
             (
                 hooks.PeriodicWriter(
                     default_writers(cfg.train.output_dir, cfg.train.max_iter),
@@ -259,7 +264,10 @@ def do_train(args, cfg) -> DetrTrainer:
             f"({type(train_loader).__name__}): it starts its order (and augmentation RNG) anew, so the "
             "run differs from an uninterrupted one; d2detr.data.build_detr_train_loader resumes exactly."
         )
-    trainer.train(start_iter, cfg.train.max_iter)
+    if budget is not None:
+        train_for_budget(trainer, budget, start_iter, cfg.train.max_iter)
+    else:
+        trainer.train(start_iter, cfg.train.max_iter)
     return trainer
 
 

