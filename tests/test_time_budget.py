@@ -95,3 +95,17 @@ def test_without_budget_the_iteration_schedule_is_unchanged(tmp_path):
     assert [r["iteration"] for r in steps] == [0, 1]
     assert "budget/train_s" not in steps[0]
     assert torch.isfinite(torch.tensor([r["total_loss"] for r in steps])).all()
+
+
+def test_progress_line_under_a_budget_reports_the_budget_not_max_iter():
+    """Under a budget, max_iter is only a cap: the progress line gives the budget's share spent
+    and the budget left as ETA (not max_iter x s/it, which reads as days)."""
+    from d2detr.engine.progress import format_progress
+    from d2detr.engine.time_budget import TimeBudget
+
+    budget = TimeBudget(seconds=900, lr_multiplier=lambda f: 1.0, clock="process")
+    budget.spent_s = 300.0
+    line = format_progress(120, 100000, 2.5, 4.2, budget)
+    assert line.startswith("[d2detr] iter 120  budget 33% of 900 s (process clock)")
+    assert "ETA 0:10:00" in line and "total_loss 4.2" in line and "/100000" not in line
+    assert "ETA 2 days" in format_progress(120, 100000, 2.5, 4.2)  # what it printed before

@@ -139,13 +139,13 @@ def build_trainer(cfg, model, data_loader, optimizer, model_ema=None) -> DetrTra
     )
 
 
-def build_progress_hook(cfg) -> Optional[ProgressHook]:
+def build_progress_hook(cfg, budget=None) -> Optional[ProgressHook]:
     """The stdout progress line every ``train.progress_period`` iterations (default
     ``train.log_period``; 0: none)."""
     period = _get(cfg, "train.progress_period", None)
     if period is None:
         period = _get(cfg, "train.log_period", 20)
-    return ProgressHook(cfg.train.max_iter, int(period)) if period else None
+    return ProgressHook(cfg.train.max_iter, int(period), budget=budget) if period else None
 
 
 def _stored_overrides(cfg) -> dict:
@@ -241,7 +241,7 @@ def do_train(args, cfg) -> DetrTrainer:
                 if comm.is_main_process()
                 else None
             ),
-            build_progress_hook(cfg) if comm.is_main_process() else None,
+            build_progress_hook(cfg, budget) if comm.is_main_process() else None,
         ]
     )
 

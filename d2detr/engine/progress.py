@@ -23,12 +23,22 @@ from detectron2.engine import HookBase
 __all__ = ["ProgressHook", "format_progress"]
 
 
-def format_progress(done: int, max_iter: int, seconds_per_iter: Optional[float], loss: Optional[float]) -> str:
-    """``[d2detr] iter DONE/MAX (P%)  S s/it  ETA H:MM:SS  total_loss L`` (missing parts left out)."""
-    parts = [f"[d2detr] iter {done}/{max_iter} ({100.0 * done / max(max_iter, 1):.0f}%)"]
+def format_progress(
+    done: int, max_iter: int, seconds_per_iter: Optional[float], loss: Optional[float], budget=None
+) -> str:
+    """``[d2detr] iter DONE/MAX (P%)  S s/it  ETA H:MM:SS  total_loss L`` (missing parts left out).
+    Under a :class:`~d2detr.engine.time_budget.TimeBudget` (``max_iter`` is then only a cap) the
+    progress is the budget's: ``iter DONE  budget P% (clock)  S s/it  ETA`` of the budget left."""
+    if budget is not None:
+        parts = [f"[d2detr] iter {done}  budget {100.0 * budget.fraction:.0f}% of {budget.seconds:.0f} s ({budget.clock.kind} clock)"]
+    else:
+        parts = [f"[d2detr] iter {done}/{max_iter} ({100.0 * done / max(max_iter, 1):.0f}%)"]
     if seconds_per_iter is not None:
         parts.append(f"{seconds_per_iter:.3f} s/it")
-        eta = max(max_iter - done, 0) * seconds_per_iter
+        if budget is not None:
+            eta = max(budget.seconds - budget.spent_s, 0.0)  # in the budget's clock
+        else:
+            eta = max(max_iter - done, 0) * seconds_per_iter
         parts.append(f"ETA {datetime.timedelta(seconds=int(round(eta)))}")
     if loss is not None:
         parts.append(f"total_loss {loss:.4g}")
@@ -43,14 +53,16 @@ class ProgressHook(HookBase):
         max_iter: the run's ``train.max_iter``.
         period: iterations between two lines (> 0).
         file: a text stream; ``None`` is the current ``sys.stdout``.
+        budget: the run's ``TimeBudget``, if it trains for a time budget.
     """
 
-    def __init__(self, max_iter: int, period: int = 20, file=None):
+    def __init__(self, max_iter: int, period: int = 20, file=None, budget=None):
         if int(period) <= 0:
             raise ValueError(f"ProgressHook period must be > 0, got {period}")
         self.max_iter = int(max_iter)
         self.period = int(period)
         self.file = file
+        self.budget = budget  # a TimeBudget: progress and ETA from the budget, not max_iter
         self._mark_time = None
         self._mark_iter = None
 
@@ -66,7 +78,7 @@ class ProgressHook(HookBase):
         now = time.perf_counter()
         seconds_per_iter = (now - self._mark_time) / max(done - self._mark_iter, 1)
         self._mark_time, self._mark_iter = now, done
-        print(format_progress(done, self.max_iter, seconds_per_iter, self._last_loss()),
+        print(format_progress(done, self.max_iter, seconds_per_iter, self._last_loss(), self.budget),
               file=self.file or sys.stdout, flush=True)
 
     def _last_loss(self) -> Optional[float]:
