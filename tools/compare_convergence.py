@@ -38,6 +38,8 @@ from typing import Dict, List, Optional
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
+from d2detr.utils import load_results, save_results  # noqa: E402  (re-exported for the tests)
+
 #: Method name -> (config file, label in the figure), in the order the papers build on each other.
 METHODS = {
     "detr": ("configs/neon_trees/detr_mobilenetv2.py", "DETR"),
@@ -179,38 +181,6 @@ def train_one(method: str, args) -> Dict:
 
 
 # ----------------------------------------------------------------------------------- results
-
-
-def load_results(path: str) -> Dict:
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    return {"dataset": "neon_trees_val", "metric": "COCO bbox AP (x100)", "methods": {}}
-
-
-def save_results(results: Dict, path: str, method: Optional[str] = None) -> Dict:
-    """Writes ``results`` to ``path``. With ``method``, only that method's curve is merged into
-    what the file holds now (under a lock), so several processes given disjoint ``--methods``
-    can share one JSON. Returns what was written."""
-    import fcntl
-    import hashlib
-    import tempfile
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    # The lock file lives in the temp folder (keyed by the JSON's path), not beside the JSON.
-    key = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
-    with open(os.path.join(tempfile.gettempdir(), f"compare_convergence-{key}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if method is not None:
-            merged = load_results(path)
-            merged["methods"][method] = results["methods"][method]
-            merged.update({k: v for k, v in results.items() if k != "methods"})
-            results = merged
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, path)
-    return results
 
 
 def _ordered(methods: Dict) -> List[str]:

@@ -41,6 +41,8 @@ from typing import Dict, List, Optional
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
+from d2detr.utils import load_results, save_results  # noqa: E402  (re-exported for the tests)
+
 #: name -> (config file, label, kind). kind "detectron2" = a Detectron2 model, "d2detr" = ours.
 METHODS = {
     "faster_rcnn": ("configs/neon_trees/faster_rcnn_mobilenetv2_fpn.py", "Detectron2 Faster R-CNN (FPN)", "detectron2"),
@@ -190,36 +192,6 @@ def train_one(method: str, args) -> Dict:
 
 
 # ----------------------------------------------------------------------------------- results
-
-
-def load_results(path: str) -> Dict:
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    return {"dataset": "neon_trees_val", "metric": "COCO bbox AP (x100)", "methods": {}}
-
-
-def save_results(results: Dict, path: str, method: Optional[str] = None) -> Dict:
-    """Writes ``results``; with ``method``, merges only that model into the file under a lock,
-    so processes given disjoint ``--methods`` can share one JSON."""
-    import fcntl
-    import hashlib
-    import tempfile
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    key = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
-    with open(os.path.join(tempfile.gettempdir(), f"compare_baselines-{key}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if method is not None:
-            merged = load_results(path)
-            merged["methods"][method] = results["methods"][method]
-            merged.update({k: v for k, v in results.items() if k != "methods"})
-            results = merged
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, path)
-    return results
 
 
 def _ordered(methods: Dict) -> List[str]:

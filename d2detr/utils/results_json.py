@@ -1,0 +1,41 @@
+"""The per-method results JSON of ``tools/compare_convergence.py`` and
+``tools/compare_detectron2_baselines.py``: ``{"dataset", "metric", "methods": {name: ...}}``,
+shared by several processes given disjoint ``--methods``."""
+import json
+import os
+from typing import Dict, Optional
+
+__all__ = ["load_results", "save_results"]
+
+
+def load_results(path: str) -> Dict:
+    """What ``path`` holds, or an empty results dict for ``neon_trees_val``."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"dataset": "neon_trees_val", "metric": "COCO bbox AP (x100)", "methods": {}}
+
+
+def save_results(results: Dict, path: str, method: Optional[str] = None) -> Dict:
+    """Writes ``results`` to ``path``. With ``method``, only that method's entry is merged into
+    what the file holds now (under a lock), so several processes given disjoint ``--methods``
+    can share one JSON. Returns what was written."""
+    import fcntl
+    import hashlib
+    import tempfile
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # The lock file lives in the temp folder (keyed by the JSON's path), not beside the JSON.
+    key = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
+    with open(os.path.join(tempfile.gettempdir(), f"d2detr-results-{key}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if method is not None:
+            merged = load_results(path)
+            merged["methods"][method] = results["methods"][method]
+            merged.update({k: v for k, v in results.items() if k != "methods"})
+            results = merged
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, path)
+    return results
