@@ -8,7 +8,7 @@ PY      := $(VENV)/bin/python
 export CUDA_HOME ?= /usr/local/cuda
 CSRC    := $(wildcard d2detr/layers/csrc/*.cpp d2detr/layers/csrc/*.h d2detr/layers/csrc/*.cu d2detr/layers/csrc/*.cuh)
 EXT_STAMP := build/.d2detr-ext-stamp
-# `make test` runs the suite without the tests marked slow (about 15-20 min on 2 cores);
+# `make test` runs the suite without the tests marked slow (about 10 min on 2 idle cores);
 # `make test PYTEST_ARGS="-m slow"` runs those (every method's ONNX export, large shapes).
 PYTEST_ARGS ?=
 
