@@ -69,3 +69,15 @@ def test_two_methods_two_iterations(tmp_path, capsys):
     fig2 = str(tmp_path / "again.png")
     cc.main(["--plot-only", "--json", json_path, "--figure", fig2])
     assert os.path.getsize(fig2) > 1000
+
+
+def test_recorded_command_is_shell_safe():
+    """The command stored in the results JSON pastes back into a shell as the same arguments
+    (lists with spaces and quotes included), not a repr() that a shell splits apart."""
+    import shlex
+
+    from d2detr.utils import command_line
+
+    argv = ["--methods", "dino", "model.backbone.out_features=['res3', 'res4']", "train.output_dir=a b"]
+    line = command_line("compare_convergence.py", argv)
+    assert shlex.split(line) == ["python", "tools/compare_convergence.py", *argv]

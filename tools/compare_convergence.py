@@ -38,7 +38,7 @@ from typing import Dict, List, Optional
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
-from d2detr.utils import load_results, save_results  # noqa: E402  (re-exported for the tests)
+from d2detr.utils import command_line, load_results, save_results  # noqa: E402  (re-exported for the tests)
 
 #: Method name -> (config file, label in the figure), in the order the papers build on each other.
 METHODS = {
@@ -263,8 +263,7 @@ def main(argv=None) -> Dict:
     os.makedirs(args.output, exist_ok=True)
     setup_logger(args.output, name="detectron2")
     setup_logger(args.output, name="d2detr")
-    command = "python tools/compare_convergence.py " + " ".join(
-        a if " " not in a else repr(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("compare_convergence.py", argv if argv is not None else sys.argv[1:])
     start = time.perf_counter()
     for method in args.methods:
         stored = results["methods"].get(method)

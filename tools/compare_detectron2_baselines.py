@@ -41,7 +41,7 @@ from typing import Dict, List, Optional
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
-from d2detr.utils import load_results, save_results  # noqa: E402  (re-exported for the tests)
+from d2detr.utils import command_line, load_results, save_results  # noqa: E402  (re-exported for the tests)
 
 #: name -> (config file, label, kind). kind "detectron2" = a Detectron2 model, "d2detr" = ours.
 METHODS = {
@@ -281,8 +281,7 @@ def main(argv=None) -> Dict:
     os.makedirs(args.output, exist_ok=True)
     setup_logger(args.output, name="detectron2")
     setup_logger(args.output, name="d2detr")
-    command = "python tools/compare_detectron2_baselines.py " + " ".join(
-        a if " " not in a else repr(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("compare_detectron2_baselines.py", argv if argv is not None else sys.argv[1:])
     for method in args.methods:
         stored = results["methods"].get(method)
         if stored and not args.fresh and all(stored.get(k) == getattr(args, k) for k in _SETTING_KEYS):

@@ -5,7 +5,7 @@ import json
 import os
 from typing import Dict, Optional
 
-__all__ = ["load_results", "save_results"]
+__all__ = ["command_line", "load_results", "save_results"]
 
 
 def load_results(path: str) -> Dict:
@@ -39,3 +39,11 @@ def save_results(results: Dict, path: str, method: Optional[str] = None) -> Dict
             json.dump(results, f, indent=1)
         os.replace(tmp, path)
     return results
+
+
+def command_line(tool: str, argv) -> str:
+    """``python tools/<tool> ARGS``, each argument shell-quoted, as recorded in the results JSON
+    so that the stored command can be pasted back into a shell."""
+    import shlex
+
+    return " ".join(["python", f"tools/{tool}", *(shlex.quote(a) for a in argv)])
