@@ -71,3 +71,25 @@ def test_table_and_demo_printout(tmp_path):
     assert "2026-12-02 09:55 UTC" in text and "--budget-min 10" in text
     assert "| FRCNN | 5.0 | 17.0 | 1.0 | 160 | 10 min, process clock, 1 thread(s) |" in text
     assert "no baseline comparison" in neon_trees_demo.format_baselines(str(tmp_path / "missing.json"))
+
+
+def test_tagged_variants_sit_beside_their_method(tmp_path):
+    """``--tag lr0.02`` keys a variant as ``faster_rcnn@lr0.02`` (folder and JSON), labels it, and
+    orders it after its method; a tag that would break the key or the folder is refused."""
+    args = cmp.parse_args(["--methods", "faster_rcnn", "--tag", "lr0.02", "optimizer.lr=0.02"])
+    assert cmp.result_key("faster_rcnn", args.tag) == "faster_rcnn@lr0.02"
+    assert cmp.base_method("faster_rcnn@lr0.02") == "faster_rcnn"
+    assert args.opts == ["optimizer.lr=0.02"]
+    results = _results()
+    variant = dict(results["methods"]["faster_rcnn"], label="FRCNN [lr0.02]")
+    results["methods"] = {"dino_recipe": dict(variant, label="DINO"), "faster_rcnn@lr0.02": variant,
+                          "faster_rcnn": results["methods"]["faster_rcnn"]}
+    assert cmp._ordered(results["methods"]) == ["faster_rcnn", "faster_rcnn@lr0.02", "dino_recipe"]
+    rows = [line.split(" | ")[0] for line in cmp.format_table(results).splitlines()[2:]]
+    assert rows == ["| FRCNN", "| FRCNN [lr0.02]", "| DINO"]
+    for m in results["methods"].values():
+        m["curve"] = {"train_min": [1.0, 2.0], "AP": [1.0, 2.0], "AP50": [3.0, None]}
+    assert os.path.getsize(cmp.plot(results, str(tmp_path / "f.png"))) > 0
+    for bad in ("a b", "x@y", "../up"):
+        with pytest.raises(SystemExit):
+            cmp.parse_args(["--tag", bad])

@@ -208,6 +208,32 @@ def test_matcher_rejects_labels_outside_the_model_classes(use_focal):
         matcher(outputs, [{"labels": torch.tensor([3]), "boxes": box}])
 
 
+@pytest.mark.parametrize("method", ["dino", "focus_detr"])
+def test_denoising_models_name_a_label_outside_the_classes(tmp_path, method):
+    """DINO / Focus-DETR embed the ground-truth labels for denoising before the matcher runs: a label
+    of ``num_classes`` used to fail there as an IndexError from ``nn.Embedding``; a real model called
+    outside ``do_train`` now names the problem as the matcher does. The last valid label trains."""
+    from detectron2.structures import Boxes, Instances
+
+    model, _ = _aux_off_model(tmp_path, method)
+    model.train()
+    num_classes = model.num_classes
+
+    def batch_with_label(label):
+        inst = Instances((64, 64))
+        inst.gt_boxes = Boxes(torch.tensor([[8.0, 8.0, 40.0, 40.0]]))
+        inst.gt_classes = torch.tensor([label])
+        return [{"image": torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8), "instances": inst}]
+
+    losses = model(batch_with_label(num_classes - 1))
+    assert all(torch.isfinite(v) for v in losses.values())
+    pattern = rf"labels outside 0\.\.{num_classes - 1} \(the model has {num_classes} classes\) \(labels \[{num_classes}\] here\)"
+    with pytest.raises(ValueError, match=pattern):
+        model(batch_with_label(num_classes))
+    with pytest.raises(ValueError, match=r"\(labels \[-1\] here\)"):
+        model(batch_with_label(-1))
+
+
 def test_matcher_rejects_nonfinite_predictions_even_without_targets():
     """The check runs before matching, also for a batch without objects (whose matching would
     return at once): under DDP every worker must take part in the same reduction."""

@@ -81,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="results JSON (default <output>/baselines.json)")
     p.add_argument("--figure", default=None, help="AP-vs-time PNG (default <output>/baselines.png)")
     p.add_argument("--markdown", default=None, help="markdown table (default <output>/baselines.md)")
+    p.add_argument("--tag", default="",
+                   help="stores each model as '<method>@<tag>' with the tag in its label, so that variants "
+                        "(e.g. an lr sweep given as overrides) sit beside the default in one JSON")
     p.add_argument("--fresh", action="store_true", help="retrain models already in the JSON")
     p.add_argument("--plot-only", action="store_true", help="only redraw the figure and table from the JSON")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value applied to every model")
@@ -101,6 +104,8 @@ def parse_args(argv=None):
         p.error("--eval-fractions must lie strictly between 0 and 1 (the end of the budget is always evaluated)")
     args.budget_s = round(args.budget_min * 60.0, 3)
     args.opts = [o for o in args.opts if o != "--"]
+    if any(c in args.tag for c in "@/ "):
+        p.error(f"--tag: no '@', '/' or spaces (it becomes part of a results key and a folder): {args.tag!r}")
     args.json = args.json or os.path.join(args.output, "baselines.json")
     args.figure = args.figure or os.path.join(args.output, "baselines.png")
     args.markdown = args.markdown or os.path.join(args.output, "baselines.md")
@@ -130,6 +135,15 @@ def _load():
     return os.getloadavg() if hasattr(os, "getloadavg") else None
 
 
+def result_key(method: str, tag: str) -> str:
+    """The model's key in the results JSON (and its training folder's name)."""
+    return f"{method}@{tag}" if tag else method
+
+
+def base_method(key: str) -> str:
+    return key.split("@", 1)[0]
+
+
 def train_one(method: str, args) -> Dict:
     """Trains one model for the budget; returns its AP-vs-time curve, final metrics and costs."""
     import torch
@@ -141,7 +155,7 @@ def train_one(method: str, args) -> Dict:
     from d2detr.engine.time_budget import TimeBudget
 
     config_file = os.path.join(_REPO, METHODS[method][0])
-    out_dir = os.path.join(args.output, method)
+    out_dir = os.path.join(args.output, result_key(method, args.tag))
     opts = budget_overrides(args, out_dir) + list(args.opts)
     cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), opts)
     os.makedirs(out_dir, exist_ok=True)
@@ -168,7 +182,7 @@ def train_one(method: str, args) -> Dict:
         curve[key] = [p["results"].get(f"bbox/{key}") for p in points]
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
     return {
-        "label": METHODS[method][1],
+        "label": METHODS[method][1] + (f" [{args.tag}]" if args.tag else ""),
         "kind": METHODS[method][2],
         "config": METHODS[method][0],
         "final": {k: final[k] for k in COCO_KEYS if k in final},
@@ -195,7 +209,9 @@ def train_one(method: str, args) -> Dict:
 
 
 def _ordered(methods: Dict) -> List[str]:
-    return [m for m in METHODS if m in methods] + [m for m in methods if m not in METHODS]
+    """METHODS' order, each model's tagged variants after it, then anything unknown."""
+    known = [k for m in METHODS for k in sorted(methods, key=lambda k: (k != m, k)) if base_method(k) == m]
+    return known + [k for k in methods if k not in known]
 
 
 def format_table(results: Dict) -> str:
@@ -232,7 +248,9 @@ def plot(results: Dict, path: str) -> str:
     for key, ax in zip(("AP", "AP50"), axes):
         for m in _ordered(methods):
             r = methods[m]
-            color, marker, ls = styles.get(m, (None, "o", "-"))
+            color, marker, ls = styles.get(base_method(m), (None, "o", "-"))
+            if m != base_method(m):  # a tagged variant: its method's marker, its own colour, dotted
+                color, ls = None, ":"
             ys = [v if v is not None else float("nan") for v in r["curve"][key]]
             ax.plot(r["curve"]["train_min"], ys, marker=marker, ls=ls, color=color, label=r["label"], lw=1.8, ms=5)
         ax.set_xlabel("training time (min; clock: " + ", ".join(sorted({r["clock"] for r in methods.values()})) + ")")
@@ -283,19 +301,20 @@ def main(argv=None) -> Dict:
     setup_logger(args.output, name="d2detr")
     command = command_line("compare_detectron2_baselines.py", argv if argv is not None else sys.argv[1:])
     for method in args.methods:
-        stored = results["methods"].get(method)
+        key = result_key(method, args.tag)
+        stored = results["methods"].get(key)
         if stored and not args.fresh and all(stored.get(k) == getattr(args, k) for k in _SETTING_KEYS):
             logger.info("%s: already in %s with the same settings; skipped (--fresh retrains)", method, args.json)
             continue
         logger.info("===== %s (%s) =====", method, METHODS[method][0])
-        results["methods"][method] = dict(train_one(method, args), command=command)
+        results["methods"][key] = dict(train_one(method, args), command=command)
         results["command"] = command
         results["date_utc"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        results = save_results(results, args.json, method)
+        results = save_results(results, args.json, key)
         write_outputs(results, args)
-        r = results["methods"][method]
+        r = results["methods"][key]
         logger.info("%s: AP %.2f after %d iterations (%.0f s %s-clock training, %.0f s wall in all)",
-                    method, r["final"]["AP"], r["iterations"], r["train_s"], r["clock"], r["wall_s_total"])
+                    key, r["final"]["AP"], r["iterations"], r["train_s"], r["clock"], r["wall_s_total"])
     results = load_results(args.json)
     table = write_outputs(results, args)
     print("\nCOCO bbox metrics on neon_trees_val at the end of the budget:")

@@ -127,10 +127,27 @@ class ContrastiveDenoising(nn.Module):
     def num_groups(self, max_gt: int) -> int:
         return max(1, self.num_dn_queries // max_gt) if max_gt > 0 else 1
 
+    def _check_labels(self, targets: List[Dict[str, Tensor]]) -> None:
+        """Labels outside the classes would index past ``label_enc`` (an IndexError, or a CUDA
+        device-side assert) before the matcher's check runs; name the problem as the matcher does."""
+        labels = [t["labels"] for t in targets if len(t["labels"])]
+        if not labels:
+            return
+        labels = torch.cat([lab.reshape(-1) for lab in labels])
+        bad = (labels < 0) | (labels >= self.num_classes)
+        if bool(bad.any()):
+            found = sorted({int(v) for v in labels[bad].tolist()})
+            raise ValueError(
+                f"target labels outside 0..{self.num_classes - 1} (the model has {self.num_classes} classes) "
+                f"(labels {found} here); the dataset's category ids do not fit model.num_classes "
+                "(DetrDatasetMapper(num_classes=...) names the record)"
+            )
+
     def forward(self, targets: List[Dict[str, Tensor]], device=None) -> DenoisingQueries:
         if targets is None:
             raise ValueError("denoising needs the training targets")
         device = device if device is not None else self.label_enc.weight.device
+        self._check_labels(targets)
         batch = len(targets)
         max_gt = max((len(t["labels"]) for t in targets), default=0)
         groups = self.num_groups(max_gt)
