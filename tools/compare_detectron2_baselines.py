@@ -48,6 +48,7 @@ METHODS = {
     "faster_rcnn": ("configs/neon_trees/faster_rcnn_mobilenetv2_fpn.py", "Detectron2 Faster R-CNN (FPN)", "detectron2"),
     "retinanet": ("configs/neon_trees/retinanet_mobilenetv2_fpn.py", "Detectron2 RetinaNet (FPN)", "detectron2"),
     "dino_recipe": ("configs/neon_trees/dino_recipe.py", "d2detr DINO recipe (make demo)", "d2detr"),
+    "dino_hybrid_recipe": ("configs/neon_trees/dino_hybrid_recipe.py", "d2detr DINO recipe + hybrid matching (H-DETR)", "d2detr"),
     "dino": ("configs/neon_trees/dino_mobilenetv2.py", "d2detr DINO (convergence config)", "d2detr"),
     "deformable_demo": (
         "projects/deformable_detr/configs/deformable_detr_mobilenetv2_neon_trees.py",
@@ -241,7 +242,8 @@ def plot(results: Dict, path: str) -> str:
     import matplotlib.pyplot as plt
 
     styles = {"faster_rcnn": ("tab:blue", "s", "--"), "retinanet": ("tab:green", "^", "--"),
-              "dino_recipe": ("tab:orange", "o", "-"), "dino_recipe_bf16": ("tab:red", "o", "-"), "dino": ("tab:orange", "D", "-"),
+              "dino_recipe": ("tab:orange", "o", "-"), "dino_recipe_bf16": ("tab:red", "o", "-"),
+              "dino_hybrid_recipe": ("tab:red", "P", "-"), "dino": ("tab:orange", "D", "-"),
               "deformable_demo": ("tab:gray", "v", "-")}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     methods = results["methods"]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from d2detr.layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 from .denoising import denoising_match_indices
+from .hybrid_matching import repeat_targets
 from .losses import sigmoid_focal_loss
 
 __all__ = ["SetCriterion"]
@@ -35,7 +36,10 @@ class SetCriterion(nn.Module):
     ``aux_outputs``, and ``outputs["dn_meta"]``) are not matched: each positive denoising query is
     assigned the target it was made from (:func:`~d2detr.modeling.denoising.denoising_match_indices`),
     negatives and padding slots are background, and the losses are normalised by the number of
-    boxes times the number of groups, with suffixes ``_dn`` and ``_dn_{i}``. The returned dict holds **weighted** losses: the weight of
+    boxes times the number of groups, with suffixes ``_dn`` and ``_dn_{i}``. Hybrid matching
+    (H-DETR: ``outputs["one2many_outputs"]``, :mod:`d2detr.modeling.hybrid_matching`) is matched
+    against the targets repeated ``one2many_repeat`` times, normalised by that many boxes, with
+    suffixes ``_one2many`` and ``_one2many_{i}``. The returned dict holds **weighted** losses: the weight of
     ``loss_class_0`` is ``weight_dict["loss_class_0"]`` if given, else
     ``weight_dict["loss_class"]``; a loss with no weight is an error.
 
@@ -57,8 +61,12 @@ class SetCriterion(nn.Module):
         focal_gamma: float = 2.0,
         enc_class_agnostic: bool = True,
         l1_box_format: str = "cxcywh",
+        one2many_repeat: int = 0,
     ):
         super().__init__()
+        if one2many_repeat < 0:
+            raise ValueError(f"one2many_repeat must be >= 0, got {one2many_repeat}")
+        self.one2many_repeat = one2many_repeat
         if l1_box_format not in ("cxcywh", "xyxy"):
             raise ValueError(f"l1_box_format must be 'cxcywh' or 'xyxy', got {l1_box_format!r}")
         self.l1_box_format = l1_box_format
@@ -183,11 +191,20 @@ class SetCriterion(nn.Module):
             losses.update(self.compute_set_losses(dn, targets, dn_num_boxes, "_dn", indices))
             for i, aux in enumerate(dn.get("aux_outputs") or []):
                 losses.update(self.compute_set_losses(aux, targets, dn_num_boxes, f"_dn_{i}", indices))
+        one2many = outputs.get("one2many_outputs")
+        if one2many is not None:
+            if self.one2many_repeat < 1:
+                raise ValueError("one-to-many outputs (hybrid matching) need SetCriterion(one2many_repeat >= 1)")
+            many_targets = repeat_targets(targets, self.one2many_repeat)
+            many_num_boxes = num_boxes * self.one2many_repeat
+            losses.update(self.compute_set_losses(one2many, many_targets, many_num_boxes, "_one2many"))
+            for i, aux in enumerate(one2many.get("aux_outputs") or []):
+                losses.update(self.compute_set_losses(aux, many_targets, many_num_boxes, f"_one2many_{i}"))
         return losses
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, losses={self.losses}, use_focal={self.use_focal}, "
             f"eos_coef={self.eos_coef}, focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}, "
-            f"weight_dict={self.weight_dict}"
+            f"weight_dict={self.weight_dict}" + (f", one2many_repeat={self.one2many_repeat}" if self.one2many_repeat else "")
         )

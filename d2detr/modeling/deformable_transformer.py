@@ -649,6 +649,13 @@ class DeformableDetrTransformer(nn.Module):
         # the reference points stay float32 under autocast (see d2detr.layers.precision)
         return tgt, query_pos, geometry_forward(self.reference_points, query_pos).sigmoid(), None, None
 
+    def matching_attn_mask(self, num_matching: int, num_denoising: int, denoising_mask: Optional[Tensor],
+                           device) -> Optional[Tensor]:
+        """The decoder's self-attention mask for ``num_denoising`` denoising queries followed by
+        ``num_matching`` queries from :meth:`select_queries`: the denoising one here; DINO's
+        transformer adds the hybrid branch's blocks."""
+        return denoising_mask
+
     # --------------------------------------------------------------- forward
     def forward(
         self,
@@ -679,13 +686,16 @@ class DeformableDetrTransformer(nn.Module):
             memory, mask_flatten, spatial_shapes_list, query_embed
         )
         self_attn_mask = None
+        num_matching, num_denoising = tgt.shape[1], 0
         if denoising_queries is not None:
             if query_pos is not None:
                 raise ValueError("extra query groups need a decoder that derives positions from anchors")
-            self_attn_mask = denoising_queries.attn_mask(tgt.shape[1])
+            self_attn_mask = denoising_queries.attn_mask(num_matching)
+            num_denoising = denoising_queries.num_queries
             tgt = torch.cat([denoising_queries.tgt.to(tgt.dtype), tgt], 1)
             reference_points = torch.cat([denoising_queries.reference_points.to(reference_points.dtype),
                                           reference_points], 1)
+        self_attn_mask = self.matching_attn_mask(num_matching, num_denoising, self_attn_mask, memory.device)
         hs, inter_references = self.decoder(
             tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios,
             query_pos=query_pos, memory_padding_mask=mask_flatten, self_attn_mask=self_attn_mask,

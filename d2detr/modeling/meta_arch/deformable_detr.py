@@ -13,6 +13,9 @@ what its successors change exposed as arguments and hooks:
 * ``inverse_sigmoid_eps``: the eps of every logit-space box update (1e-5 Deformable DETR, 1e-3 DINO).
 * the decoder's ``look_forward_twice`` (whether a layer's loss reaches the previous layer's box
   head) and the transformer's :meth:`~d2detr.modeling.deformable_transformer.DeformableDetrTransformer.select_queries`.
+* the transformer's ``num_one2many_queries`` (DINO's transformer): H-DETR's hybrid branch in
+  training, its outputs to the criterion as ``one2many_outputs``
+  (:mod:`d2detr.modeling.hybrid_matching`); inference and export never see it.
 * ``denoising``: a module making extra query groups from the targets in training (DINO's
   contrastive denoising, :class:`~d2detr.modeling.denoising.ContrastiveDenoising`); their
   outputs go to the criterion as ``dn_outputs``; inference and export never see them.
@@ -115,6 +118,12 @@ class DeformableDETR(DETRBase):
             raise ValueError(
                 f"two-stage: transformer.two_stage_num_proposals ({transformer.two_stage_num_proposals}) "
                 f"must equal num_queries ({num_queries})"
+            )
+        if getattr(transformer, "num_one2many_queries", 0) and criterion is not None \
+                and getattr(criterion, "one2many_repeat", 0) < 1:
+            raise ValueError(
+                f"transformer.num_one2many_queries={transformer.num_one2many_queries} (hybrid matching) needs "
+                "criterion.one2many_repeat >= 1: how many times the one-to-many targets repeat each object (H-DETR: 6)"
             )
         if denoising is not None and not transformer.decoder.derives_query_pos:
             raise ValueError("denoising queries need a decoder that derives positions from anchors (AnchorDeformableDecoder)")
@@ -240,6 +249,17 @@ class DeformableDETR(DETRBase):
             init_reference, inter_references = init_reference[:, p:], inter_references[:, :, p:]
             dn_outputs = {"pred_logits": dn_classes[-1], "pred_boxes": dn_coords[-1],
                           "aux_outputs": aux_outputs_list(dn_classes, dn_coords) if self.aux_loss else []}
+        one2many_outputs = None
+        if self.training and getattr(self.transformer, "num_one2many_queries", 0):
+            # H-DETR's hybrid branch: the one-to-one queries come first, then the one-to-many ones
+            q = min(self.num_queries, outputs_classes[0].shape[1])
+            o2m_classes = [c[:, q:] for c in outputs_classes]
+            o2m_coords = [b[:, q:] for b in outputs_coords]
+            outputs_classes = [c[:, :q] for c in outputs_classes]
+            outputs_coords = [b[:, :q] for b in outputs_coords]
+            init_reference, inter_references = init_reference[:, :q], inter_references[:, :, :q]
+            one2many_outputs = {"pred_logits": o2m_classes[-1], "pred_boxes": o2m_coords[-1],
+                                "aux_outputs": aux_outputs_list(o2m_classes, o2m_coords) if self.aux_loss else []}
         out = {"pred_logits": outputs_classes[-1], "pred_boxes": outputs_coords[-1]}
         if self.reference_is_box(0):  # the reference box each layer started from
             out["anchors"] = torch.cat([init_reference[None], inter_references[:-1]])
@@ -254,6 +274,8 @@ class DeformableDETR(DETRBase):
             if dn_outputs is not None:
                 out["dn_outputs"] = dn_outputs
                 out["dn_meta"] = dn.meta
+            if one2many_outputs is not None:
+                out["one2many_outputs"] = one2many_outputs
         for extra in encoder_outputs:  # what the encoder reports besides the memory (Focus-DETR)
             out.update(extra)
         return out

@@ -1,0 +1,16 @@
+"""The DINO recipe (``dino_recipe.py``) plus H-DETR's hybrid matching (Jia et al., CVPR 2023): in
+training, extra one-to-many queries (the proposals ranked after the 300 one-to-one ones) are
+matched against the ground truth repeated ``K`` times, so each crown supervises ``K + 1`` queries
+per step instead of one; the one-to-one queries, the model used at inference and export, cannot
+see them (``d2detr/modeling/hybrid_matching.py``).
+
+H-DETR's defaults are 1500 one-to-many queries, K = 6, loss weight 1 (the one-to-one weights).
+Here 600 one-to-many queries (2x the one-to-one ones, as a 10-60-crown tile needs far fewer than
+COCO's 1500 for K = 6) keep the step cheap on a CPU; measured in docs/detectron2_baselines.md.
+"""
+from .dino_recipe import dataloader, demo, lr_multiplier, model, optimizer, train  # noqa: F401
+
+model.transformer.num_one2many_queries = 600
+model.criterion.one2many_repeat = 6
+
+train.output_dir = "./output/neon_trees_dino_hybrid"
