@@ -158,6 +158,27 @@ def test_visualize_attention(tmp_path, method):
         np.testing.assert_allclose(maps.sum((1, 2)), 1.0, atol=1e-5)
 
 
+def test_visualize_attention_resizes_as_evaluation_does(tmp_path):
+    """Without --min-size the image is resized by the config's test mapper (here: shortest edge 80,
+    longest 160), as tools/demo.py and COCOEvaluator do; it used to be resized to 800 / 1333
+    whatever the model was trained at."""
+    test_loader = """
+from omegaconf import OmegaConf
+from detectron2.data import transforms as T
+dataloader = OmegaConf.create()
+dataloader.test = dict(mapper=dict(augmentation=[L(T.ResizeShortestEdge)(short_edge_length=80, max_size=160)]))
+"""
+    config = write_tiny_config(tmp_path, "detr", extra=test_loader)
+    _, weights = build_tiny(config)
+    paths = write_images(str(tmp_path / "images"), [(96, 128)])
+    tool = load_tool("visualize_attention")
+    args = tool.get_parser().parse_args(
+        ["--config-file", config, "--input", paths[0], "--output", str(tmp_path / "out"), "--topk", "2",
+         f"train.init_checkpoint={weights}"])
+    (png,) = tool.main(args)
+    assert cv2.imread(png).shape == (80, 107 * 2, 3)  # 96x128 -> 80x107, one panel per query
+
+
 # --------------------------------------------------------------------------- analyze
 @needs_op
 def test_analyze_model_counts(tmp_path):

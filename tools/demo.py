@@ -34,17 +34,22 @@ from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
-from detectron2.config import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from d2detr.export.cli import build_model, dataset_class_names, list_images, load_config  # noqa: E402
+from d2detr.export.cli import (  # noqa: E402
+    DEFAULT_MAX_SIZE,
+    DEFAULT_MIN_SIZE,
+    build_model,
+    dataset_class_names,
+    list_images,
+    load_config,
+    test_time_augmentations,
+)
 
 logger = logging.getLogger("d2detr.demo")
 
 #: Detectron2's demo threshold, used when neither the command line nor the config sets one.
 DEFAULT_SCORE_THRESHOLD = 0.5
-#: The test-time resize of the COCO models, for a config without ``dataloader.test``.
-DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE = 800, 1333
 
 
 def get_parser():
@@ -77,31 +82,6 @@ def score_threshold(cfg, threshold=None):
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
         raise ValueError(f"score threshold ({source}) must be a number (scores lie in [0, 1]), got {threshold!r}")
     return float(threshold), source
-
-
-def test_time_augmentations(cfg, min_size=None, max_size=None):
-    """``(augmentations, description)``: the test-time resize. ``min_size``/``max_size`` given:
-    ``ResizeShortestEdge(min_size, max_size)`` (``min_size`` 0: none); else the config's
-    ``dataloader.test.mapper.augmentation`` (what evaluation uses); else shortest edge 800,
-    longest 1333."""
-    if min_size is not None or max_size is not None:
-        if min_size == 0:
-            return [], "none (--min-size 0)"
-        min_size = DEFAULT_MIN_SIZE if min_size is None else min_size
-        max_size = DEFAULT_MAX_SIZE if max_size is None else max_size
-        if min_size < 0 or max_size <= 0:
-            raise ValueError(f"--min-size must be >= 0 and --max-size > 0, got {min_size}, {max_size}")
-        return [T.ResizeShortestEdge(min_size, max_size)], f"ResizeShortestEdge({min_size}, {max_size}) from the flags"
-    augs = OmegaConf.select(cfg, "dataloader.test.mapper.augmentation", default=None)
-    if augs is None:
-        aug = T.ResizeShortestEdge(DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE)
-        return [aug], f"{aug} (the config has no dataloader.test.mapper.augmentation)"
-    augs = instantiate(augs)
-    augs = [augs] if isinstance(augs, (T.Augmentation, T.Transform)) else list(augs)  # a list, or a ListConfig
-    for aug in augs:
-        if not isinstance(aug, (T.Augmentation, T.Transform)):
-            raise TypeError(f"dataloader.test.mapper.augmentation holds {aug!r}, not a Detectron2 augmentation")
-    return augs, f"{', '.join(map(str, augs)) or 'none'} (the config's test mapper)"
 
 
 class Predictor:

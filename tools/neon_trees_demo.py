@@ -106,7 +106,11 @@ def format_baselines(path: str) -> str:
             f"| {r.get('budget_s', 0) / 60:.0f} min, {r.get('clock', '?')} clock, {r.get('num_threads', '?')} thread(s) |"
         )
     head = f"Last comparison ({results.get('date_utc', '?')}): `{results.get('command', '?')}`"
-    return head + "\n" + "\n".join(lines)
+    # the models may come from several runs of the tool (e.g. a variant added later): each run's command
+    commands = sorted({(r.get("started_utc", "?"), r["command"]) for r in results.get("methods", {}).values()
+                       if r.get("command") and r["command"] != results.get("command")})
+    runs = [f"also from: `{cmd}` (started {started})" for started, cmd in commands]
+    return "\n".join([head, *lines, *runs])
 
 
 def format_ap_table(results: Dict) -> str:

@@ -39,7 +39,14 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from d2detr.export import ExportableDetector  # noqa: E402
 from d2detr.export.attention_maps import AttentionRecord, AttentionRecorder, deformable_sampling  # noqa: E402
-from d2detr.export.cli import build_model, dataset_class_names, list_images, load_config  # noqa: E402
+from d2detr.export.cli import (  # noqa: E402
+    DEFAULT_MAX_SIZE,
+    build_model,
+    dataset_class_names,
+    list_images,
+    load_config,
+    test_time_augmentations,
+)
 from d2detr.layers.box_ops import box_cxcywh_to_xyxy  # noqa: E402
 
 logger = logging.getLogger("d2detr.visualize_attention")
@@ -54,8 +61,11 @@ def get_parser():
     parser.add_argument("--topk", type=int, default=3, help="how many top-scoring queries to draw")
     parser.add_argument("--layer", type=int, default=-1, help="decoder layer (default: the last)")
     parser.add_argument("--dataset", help="dataset whose class names label the boxes")
-    parser.add_argument("--min-size", type=int, default=800, help="test-time shortest edge (0: no resize)")
-    parser.add_argument("--max-size", type=int, default=1333)
+    parser.add_argument("--min-size", type=int, default=None,
+                        help="test-time shortest edge, replacing the config's test resize (0: no resize; "
+                             "default: the config's dataloader.test.mapper.augmentation, as evaluation)")
+    parser.add_argument("--max-size", type=int, default=None,
+                        help=f"test-time longest edge, with --min-size (default {DEFAULT_MAX_SIZE})")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--save-data", action="store_true", help="also write the numbers (.npz)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="key=value config overrides")
@@ -273,7 +283,9 @@ def main(args):
     cfg = load_config(args.config_file, args.opts)
     model = build_model(cfg, args.device)
     class_names = dataset_class_names(cfg, args.dataset, getattr(model, "num_classes", None))
-    aug = T.ResizeShortestEdge(args.min_size, args.max_size) if args.min_size > 0 else None
+    augmentations, resize = test_time_augmentations(cfg, args.min_size, args.max_size)
+    logger.info(f"test-time resize: {resize}")
+    aug = T.AugmentationList(augmentations)
     os.makedirs(args.output, exist_ok=True)
     written = []
     for path in list_images(args.input):
@@ -281,9 +293,9 @@ def main(args):
         if bgr is None:
             raise ValueError(f"cannot read image {path}")
         rgb = bgr[:, :, ::-1]
-        if aug is not None:
-            rgb = aug.get_transform(rgb).apply_image(rgb)
-        rgb = np.ascontiguousarray(rgb)
+        aug_input = T.AugInput(np.ascontiguousarray(rgb))
+        aug(aug_input)
+        rgb = np.ascontiguousarray(aug_input.image)
         model_input = rgb if getattr(model, "input_format", "RGB") == "RGB" else rgb[:, :, ::-1]
         image = torch.as_tensor(np.ascontiguousarray(model_input.transpose(2, 0, 1))).to(args.device)
         if has_3d_sampling(model):

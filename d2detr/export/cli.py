@@ -1,7 +1,7 @@
 """Pieces shared by the command-line tools (``tools/export_model.py``, ``demo.py``,
 ``visualize_attention.py``, ``analyze_model.py``): a model from a LazyConfig with
-``key=value`` overrides and its checkpoint, the class names of its dataset, and images as
-``[3, H, W]`` uint8 tensors in the model's channel order."""
+``key=value`` overrides and its checkpoint, the class names of its dataset, the test-time
+resize evaluation uses, and images as ``[3, H, W]`` uint8 tensors in the model's channel order."""
 import logging
 import os
 from typing import List, Optional, Sequence
@@ -9,14 +9,26 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 from detectron2.config import LazyConfig, instantiate
+from detectron2.data import transforms as T
+from omegaconf import OmegaConf
 from torch import nn
 
 from d2detr.checkpoint.loading import DetrCheckpointer, apply_checkpoint_overrides, use_ema_weights
 
-__all__ = ["load_config", "build_model", "dataset_class_names", "read_image", "IMAGE_EXTENSIONS", "list_images"]
+__all__ = [
+    "load_config",
+    "build_model",
+    "dataset_class_names",
+    "test_time_augmentations",
+    "read_image",
+    "IMAGE_EXTENSIONS",
+    "list_images",
+]
 
 logger = logging.getLogger("d2detr")
 
+#: The test-time resize of the COCO models, for a config without ``dataloader.test``.
+DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE = 800, 1333
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -76,6 +88,32 @@ def dataset_class_names(cfg=None, dataset: Optional[str] = None, num_classes: Op
         logger.warning(f"dataset {dataset!r} has no thing_classes; numbering the classes")
     n = num_classes if num_classes is not None else int(_get(cfg, "model.num_classes", 0) or 0)
     return [str(i) for i in range(n)]
+
+
+def test_time_augmentations(cfg, min_size=None, max_size=None):
+    """``(augmentations, description)``: the test-time resize. ``min_size``/``max_size`` given:
+    ``ResizeShortestEdge(min_size, max_size)`` (``min_size`` 0: none); else the config's
+    ``dataloader.test.mapper.augmentation`` (what evaluation uses); else shortest edge 800,
+    longest 1333."""
+    if min_size is not None or max_size is not None:
+        if min_size == 0:
+            return [], "none (--min-size 0)"
+        min_size = DEFAULT_MIN_SIZE if min_size is None else min_size
+        max_size = DEFAULT_MAX_SIZE if max_size is None else max_size
+        if min_size < 0 or max_size <= 0:
+            raise ValueError(f"--min-size must be >= 0 and --max-size > 0, got {min_size}, {max_size}")
+        return [T.ResizeShortestEdge(min_size, max_size)], f"ResizeShortestEdge({min_size}, {max_size}) from the flags"
+    augs = OmegaConf.select(cfg, "dataloader.test.mapper.augmentation", default=None)
+    if augs is None:
+        aug = T.ResizeShortestEdge(DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE)
+        return [aug], f"{aug} (the config has no dataloader.test.mapper.augmentation)"
+    augs = instantiate(augs)
+    augs = [augs] if isinstance(augs, (T.Augmentation, T.Transform)) else list(augs)  # a list, or a ListConfig
+    for aug in augs:
+        if not isinstance(aug, (T.Augmentation, T.Transform)):
+            raise TypeError(f"dataloader.test.mapper.augmentation holds {aug!r}, not a Detectron2 augmentation")
+    return augs, f"{', '.join(map(str, augs)) or 'none'} (the config's test mapper)"
+
 
 
 def read_image(path: str, input_format: str = "RGB") -> torch.Tensor:
