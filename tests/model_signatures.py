@@ -77,6 +77,10 @@ def _batch() -> List[Dict]:
     return out
 
 
+#: Scores closer than this are ties: their order depends on the CPU's float summation order.
+TIE = 1e-5
+
+
 def signature(config: str) -> Dict:
     from detectron2.config import LazyConfig, instantiate
 
@@ -102,6 +106,8 @@ def signature(config: str) -> Dict:
     sig["top_scores"] = [round(float(s), 6) for s in scores[:10]]
     sig["top_boxes"] = [[round(float(c), 4) for c in b] for b in inst.pred_boxes.tensor[order[:5]]]
     sig["box_sum"] = round(float(inst.pred_boxes.tensor.sum()), 3)
+    # not recorded: every box scoring within TIE of the best (see test_model_signatures.py)
+    sig["near_top_boxes"] = inst.pred_boxes.tensor[scores >= scores[0] - TIE].tolist() if len(scores) else []
     model.train()
     losses = model(_batch())
     sig["losses"] = {k: round(float(v.detach()), 6) for k, v in sorted(losses.items())}
@@ -115,7 +121,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     sys.path.insert(0, ROOT)
     torch.set_num_threads(1)
-    sigs = {c: signature(c) for c in args.configs}
+    sigs = {c: {k: v for k, v in signature(c).items() if k != "near_top_boxes"} for c in args.configs}
     if args.write:
         os.makedirs(os.path.dirname(SIGNATURES), exist_ok=True)
         with open(SIGNATURES, "w") as f:

@@ -2,10 +2,13 @@
 """Detectron2's own Faster R-CNN and RetinaNet against d2detr models on ``neon_trees`` for the
 same training-time budget: a table (markdown + JSON) and one AP-vs-time figure.
 
-    # the committed comparison (docs/detectron2_baselines.md); budget per model, one after the other:
-    python tools/compare_detectron2_baselines.py --budget-min 15 --clock process \\
+    # the committed comparison (docs/detectron2_baselines.md): the defaults, 15 min wall clock per
+    # model, 2 threads, one after the other (on an otherwise idle machine):
+    python tools/compare_detectron2_baselines.py \\
         --json docs/detectron2_baselines.json --figure docs/detectron2_baselines.png \\
         --markdown docs/detectron2_baselines_table.md
+    # a variant beside its method in the same JSON (key "retinanet@lr0.00125"):
+    python tools/compare_detectron2_baselines.py --methods retinanet --tag lr0.00125 ... optimizer.lr=0.00125
     # quick look, two models, 2 minutes each:
     python tools/compare_detectron2_baselines.py --methods faster_rcnn,dino_recipe --budget-min 2 --output /tmp/cmp
     # redraw the figure and the table from the JSON only:

@@ -31,7 +31,8 @@ model.pixel_std = PIXEL_STD
 model.input_format = "RGB"
 
 # lr 0.01 (the Faster R-CNN's) diverged (NaN loss at iteration 81) in the 2026-12-02 comparison;
-# half of it is used here. NOT measured yet: docs/detectron2_baselines.md.
+# half of it is used here. KNOWN PROBLEM: at 0.005 and at 0.00125 this model does not learn (0.2 /
+# 0.4 AP after 15 min, focal loss flat at ~0.9; docs/detectron2_baselines.md); cause not found.
 optimizer.lr = 0.005
 
 train.output_dir = "./output/baselines/retinanet"
