@@ -93,3 +93,21 @@ def test_tagged_variants_sit_beside_their_method(tmp_path):
     for bad in ("a b", "x@y", "../up"):
         with pytest.raises(SystemExit):
             cmp.parse_args(["--tag", bad])
+
+
+def test_demo_printout_names_each_run_once(tmp_path):
+    """Models added by several runs of the tool: the last run's command heads the table, every
+    other command is listed once, with its first model's start."""
+    results = _results()
+    base = results["methods"]["faster_rcnn"]
+    results["methods"] = {
+        "faster_rcnn": dict(base, command="python tools/compare_detectron2_baselines.py", started_utc="2026-12-02 17:04 UTC"),
+        "dino_recipe": dict(base, command="python tools/compare_detectron2_baselines.py", started_utc="2026-12-02 17:35 UTC"),
+        "retinanet@lr": dict(base, command=results["command"], started_utc="2026-12-02 18:20 UTC"),
+    }
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(results))
+    lines = neon_trees_demo.format_baselines(str(path)).splitlines()
+    assert lines[0].endswith("`python tools/compare_detectron2_baselines.py --budget-min 10`")
+    also = [line for line in lines if line.startswith("also from:")]
+    assert also == ["also from: `python tools/compare_detectron2_baselines.py` (started 2026-12-02 17:04 UTC)"]

@@ -107,9 +107,12 @@ def format_baselines(path: str) -> str:
         )
     head = f"Last comparison ({results.get('date_utc', '?')}): `{results.get('command', '?')}`"
     # the models may come from several runs of the tool (e.g. a variant added later): each run's command
-    commands = sorted({(r.get("started_utc", "?"), r["command"]) for r in results.get("methods", {}).values()
-                       if r.get("command") and r["command"] != results.get("command")})
-    runs = [f"also from: `{cmd}` (started {started})" for started, cmd in commands]
+    first_start: Dict[str, str] = {}
+    for r in results.get("methods", {}).values():
+        cmd = r.get("command")
+        if cmd and cmd != results.get("command"):
+            first_start[cmd] = min(first_start.get(cmd, "~"), r.get("started_utc", "?"))
+    runs = [f"also from: `{cmd}` (started {started})" for cmd, started in sorted(first_start.items(), key=lambda x: x[1])]
     return "\n".join([head, *lines, *runs])
 
 
