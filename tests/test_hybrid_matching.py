@@ -112,3 +112,24 @@ def test_hybrid_branch_without_a_repeat_is_refused(tmp_path):
         _dino(tmp_path, 6, repeat=0)
     with pytest.raises(ValueError, match="num_one2many_queries must be >= 0"):
         _dino(tmp_path, -1)
+
+
+def test_one2many_loss_with_one_repeat_is_the_one2one_loss(tmp_path):
+    """K = 1 on outputs equal to the one-to-one ones gives exactly the one-to-one losses (same
+    weights, same normalisation); K = 2 on duplicated outputs too (2n boxes over 2n targets)."""
+    from d2detr.modeling.criterion import SetCriterion
+    from d2detr.modeling.matcher import HungarianMatcher
+
+    g = torch.Generator().manual_seed(0)
+    out = {"pred_logits": torch.randn(2, 8, 3, generator=g), "pred_boxes": torch.rand(2, 8, 4, generator=g) * 0.5 + 0.25}
+    targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.4, 0.2, 0.3]])}]
+    weights = {"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+    for repeat, many in ((1, dict(out)), (2, {k: torch.cat([v, v], 1) for k, v in out.items()})):
+        criterion = SetCriterion(3, HungarianMatcher(2.0, 5.0, 2.0, use_focal=True), weights, use_focal=True,
+                                 one2many_repeat=repeat)
+        losses = criterion(dict(out, one2many_outputs=many), targets)
+        for k in weights:
+            torch.testing.assert_close(losses[f"{k}_one2many"], losses[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one2many_repeat >= 1"):
+        SetCriterion(3, HungarianMatcher(use_focal=True), weights, use_focal=True)(dict(out, one2many_outputs=out), targets)

@@ -115,7 +115,6 @@ def test_time_augmentations(cfg, min_size=None, max_size=None):
     return augs, f"{', '.join(map(str, augs)) or 'none'} (the config's test mapper)"
 
 
-
 def read_image(path: str, input_format: str = "RGB") -> torch.Tensor:
     """An image file -> ``[3, H, W]`` uint8 tensor in ``input_format`` ("RGB" or "BGR")."""
     from detectron2.data.detection_utils import read_image as d2_read_image

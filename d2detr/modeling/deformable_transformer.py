@@ -545,6 +545,8 @@ class DeformableDetrTransformer(nn.Module):
     #: Two-stage queries take their content (and, without an anchor decoder, position) from
     #: ``pos_trans`` of the proposals' sine embedding (Deformable DETR) -- DINO learns them instead.
     queries_from_proposal_embedding: bool = True
+    #: H-DETR's one-to-many queries in training; only DINO's transformer has them
+    num_one2many_queries: int = 0
 
     def __init__(
         self,

@@ -129,19 +129,19 @@ class ContrastiveDenoising(nn.Module):
 
     def _check_labels(self, targets: List[Dict[str, Tensor]]) -> None:
         """Labels outside the classes would index past ``label_enc`` (an IndexError, or a CUDA
-        device-side assert) before the matcher's check runs; name the problem as the matcher does."""
-        labels = [t["labels"] for t in targets if len(t["labels"])]
+        device-side assert) before the matcher's check runs; name the problem as the matcher does.
+        Unlike the matcher's, this check is not synchronised across DDP workers: under
+        ``do_train`` the mapper (``DetrDatasetMapper(num_classes=...)``) rejects such a record first."""
+        from .matcher import label_range_message
+
+        labels = [t["labels"].reshape(-1) for t in targets if len(t["labels"])]
         if not labels:
             return
-        labels = torch.cat([lab.reshape(-1) for lab in labels])
+        labels = torch.cat(labels)
         bad = (labels < 0) | (labels >= self.num_classes)
         if bool(bad.any()):
             found = sorted({int(v) for v in labels[bad].tolist()})
-            raise ValueError(
-                f"target labels outside 0..{self.num_classes - 1} (the model has {self.num_classes} classes) "
-                f"(labels {found} here); the dataset's category ids do not fit model.num_classes "
-                "(DetrDatasetMapper(num_classes=...) names the record)"
-            )
+            raise ValueError(label_range_message(self.num_classes, f" (labels {found} here)"))
 
     def forward(self, targets: List[Dict[str, Tensor]], device=None) -> DenoisingQueries:
         if targets is None:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from d2detr.layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
-__all__ = ["HungarianMatcher", "check_matcher_inputs"]
+__all__ = ["HungarianMatcher", "check_matcher_inputs", "label_range_message"]
 
 
 def check_matcher_inputs(outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]], use_focal: bool) -> None:
@@ -44,11 +44,17 @@ def check_matcher_inputs(outputs: Dict[str, Tensor], targets: List[Dict[str, Ten
         if bad[1, rank]:
             found = sorted({int(v) for v in labels.tolist() if not 0 <= v < num_classes})
             mine = f" (labels {found} here)"
-        raise ValueError(
-            f"target labels outside 0..{num_classes - 1} (the model has {num_classes} classes){where}{mine}; "
-            "the dataset's category ids do not fit model.num_classes (DetrDatasetMapper(num_classes=...) "
-            "names the record)"
-        )
+        raise ValueError(label_range_message(num_classes, where + mine))
+
+
+def label_range_message(num_classes: int, detail: str = "") -> str:
+    """The one error text for target labels outside the model's classes (the matcher's check and
+    the denoising label embedding's); ``detail`` says where / which labels."""
+    return (
+        f"target labels outside 0..{num_classes - 1} (the model has {num_classes} classes){detail}; "
+        "the dataset's category ids do not fit model.num_classes (DetrDatasetMapper(num_classes=...) "
+        "names the record)"
+    )
 
 
 class HungarianMatcher(nn.Module):

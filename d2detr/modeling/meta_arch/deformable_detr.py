@@ -119,8 +119,7 @@ class DeformableDETR(DETRBase):
                 f"two-stage: transformer.two_stage_num_proposals ({transformer.two_stage_num_proposals}) "
                 f"must equal num_queries ({num_queries})"
             )
-        if getattr(transformer, "num_one2many_queries", 0) and criterion is not None \
-                and getattr(criterion, "one2many_repeat", 0) < 1:
+        if transformer.num_one2many_queries and criterion is not None and getattr(criterion, "one2many_repeat", 0) < 1:
             raise ValueError(
                 f"transformer.num_one2many_queries={transformer.num_one2many_queries} (hybrid matching) needs "
                 "criterion.one2many_repeat >= 1: how many times the one-to-many targets repeat each object (H-DETR: 6)"
@@ -250,7 +249,7 @@ class DeformableDETR(DETRBase):
             dn_outputs = {"pred_logits": dn_classes[-1], "pred_boxes": dn_coords[-1],
                           "aux_outputs": aux_outputs_list(dn_classes, dn_coords) if self.aux_loss else []}
         one2many_outputs = None
-        if self.training and getattr(self.transformer, "num_one2many_queries", 0):
+        if self.training and self.transformer.num_one2many_queries:
             # H-DETR's hybrid branch: the one-to-one queries come first, then the one-to-many ones
             q = min(self.num_queries, outputs_classes[0].shape[1])
             o2m_classes = [c[:, q:] for c in outputs_classes]
