@@ -111,3 +111,28 @@ def test_demo_printout_names_each_run_once(tmp_path):
     assert lines[0].endswith("`python tools/compare_detectron2_baselines.py --budget-min 10`")
     also = [line for line in lines if line.startswith("also from:")]
     assert also == ["also from: `python tools/compare_detectron2_baselines.py` (started 2026-12-02 17:04 UTC)"]
+
+
+@pytest.mark.parametrize(
+    "config, width, num_levels, backbone_lr_factor",
+    [("configs/neon_trees/dino_recipe.py", 256, 4, 1.0), ("configs/neon_trees/dino_mobilenetv2.py", 128, 3, 0.1)],
+)
+def test_recipe_width_and_levels_agree_in_every_part(config, width, num_levels, backbone_lr_factor):
+    """``size_multi_scale_model`` sizes the recipe (width 256, a fourth stride-64 level, backbone at
+    the full lr) and the convergence comparison's DINO (width 128, 3 levels). Every part must agree
+    (a mismatched norm or denoising embedding would only fail at the first step) and the neck must
+    give one map per level at the right stride."""
+    import torch
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.load(os.path.join(REPO, config))
+    assert cfg.optimizer.params.lr_factor_func.factors == {"backbone": backbone_lr_factor}
+    cfg.model.backbone.pretrained = False  # the shapes are what is tested
+    model = instantiate(cfg.model).eval()
+    assert model.transformer.embed_dim == width and model.transformer.num_feature_levels == num_levels
+    maps = model.neck(model.backbone(torch.zeros(1, 3, 256, 384)))
+    strides = (8, 16, 32, 64)[:num_levels]
+    assert [tuple(m.shape) for m in maps] == [(1, width, 256 // s, 384 // s) for s in strides]
+    with torch.no_grad():
+        out = model([{"image": torch.zeros(3, 256, 384, dtype=torch.uint8), "height": 256, "width": 384}])
+    assert len(out[0]["instances"]) == cfg.model.select_box_nums_for_evaluation
