@@ -248,8 +248,10 @@ def plot(results: Dict, path: str) -> str:
               "dino_recipe": ("tab:orange", "o", "-"), "dino_recipe_bf16": ("tab:red", "o", "-"),
               "dino_hybrid_recipe": ("tab:red", "P", "-"), "dino": ("tab:orange", "D", "-"),
               "deformable_demo": ("tab:gray", "v", "-")}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     methods = results["methods"]
+    # The legend goes under the plots (a dozen variants would cover the curves), two per row.
+    legend_in = 0.25 * ((len(methods) + 1) // 2) + 0.2
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6 + legend_in))
     for key, ax in zip(("AP", "AP50"), axes):
         for m in _ordered(methods):
             r = methods[m]
@@ -263,14 +265,14 @@ def plot(results: Dict, path: str) -> str:
         ax.set_ylim(bottom=0)
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="upper left", fontsize=9)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=9, frameon=False)
     any_r = next(iter(methods.values()), {})
     fig.suptitle(
         f"NEON tree crowns: Detectron2 baselines vs d2detr at equal training time "
         f"({any_r.get('budget_s', 0) / 60:.0f} min, {any_r.get('num_threads', '?')} threads, same MobileNetV2, CPU)",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_in / (4.6 + legend_in), 1, 1))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
