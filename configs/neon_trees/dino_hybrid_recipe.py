@@ -8,10 +8,10 @@ H-DETR's defaults are 1500 one-to-many queries, K = 6, loss weight 1 (the one-to
 Here 600 one-to-many queries (2x the one-to-one ones, as a 10-60-crown tile needs far fewer than
 COCO's 1500 for K = 6) keep the step cheaper on a CPU (1500 made it 1.65x the plain recipe's).
 
-Measured when ``dino_recipe.py`` was width 128 with 3 levels (docs/detectron2_baselines.md, 15 min
-wall clock, 2 threads, 2026-12-02): 11.6 AP after 1,249 steps against 13.6 after 1,603 for the
-plain recipe -- no gain within one seed's noise at this budget, so ``make demo`` keeps
-``dino_recipe.py``. Not rerun since the recipe became width 256 with 4 levels.
+Measured (docs/detectron2_baselines.md, 15 min wall clock, 2 threads, one seed): 13.8 AP after
+929 steps against 17.2 after 1,360 for the plain recipe (2026-12-03), and when the recipe was width
+128 with 3 levels 11.6 after 1,249 against 13.6 after 1,603 (2026-12-02) -- no gain at this budget,
+so ``make demo`` keeps ``dino_recipe.py``.
 """
 from .dino_recipe import dataloader, demo, lr_multiplier, model, optimizer, train  # noqa: F401
 
