@@ -4,8 +4,9 @@ Starts from ``dino_mobilenetv2.py`` (DINO's contrastive denoising and mixed quer
 convergence comparison's size: ImageNet MobileNetV2 res3-res5, 2+2 layers) and changes what the
 time-budget comparison with Detectron2's Faster R-CNN / RetinaNet
 (``tools/compare_detectron2_baselines.py``, ``docs/detectron2_baselines.md``) showed to help:
-width 256 (FFN 1024) instead of 128, a fourth (stride-64) feature level, the backbone at the full lr instead of x0.1, 300 queries
-(100 kept at inference), bf16 autocast; the doc's tables give each lever as measured.
+width 256 (FFN 1024) instead of 128, a fourth (stride-64) feature level, the backbone at the full
+lr instead of x0.1, 300 queries (100 kept at inference), bf16 autocast; the doc's tables give each
+lever as measured.
 
 The schedule is the budget's: ``train.time_budget.seconds`` > 0 makes the LR schedule (3 % warmup,
 x0.1 at 80 %) run over the training time and stops training when it is spent
@@ -25,7 +26,8 @@ optimizer.params.lr_factor_func.factors = {"backbone": 1.0}
 
 model.num_queries = 300
 # bf16 autocast on the CPU: 0.71x CPU time per step on this AVX512-BF16 machine, and AP 13.5 vs 11.6
-# at the same 10-min budget (docs/detectron2_baselines.md); set False on CPUs without native bf16.
+# at the same 10-min budget (measured at width 128; 0.76x per step at width 256, 4 levels;
+# docs/detectron2_baselines.md); set False on CPUs without native bf16.
 train.amp.enabled = True
 model.select_box_nums_for_evaluation = 100
 
