@@ -142,6 +142,31 @@ def test_model_ema_math_swap_and_state_dict():
         ModelEMA(model, decay=1.5)
 
 
+def test_model_ema_ramp_follows_the_weights_early_and_resumes_mid_ramp():
+    """decay * (1 - exp(-t / ramp_steps)) at update t = 1, 2, ...: a hand-computed recursion of the
+    EMA towards a moving target; a restored EMA continues the ramp where it stopped."""
+    model = _WithBN()
+    ema = ModelEMA(model, decay=0.99, ramp_steps=3.0)
+    ref = model.lin.weight.detach().clone()
+    for t in range(1, 6):
+        with torch.no_grad():
+            model.lin.weight.add_(float(t))
+        d = 0.99 * (1.0 - math.exp(-t / 3.0))
+        ref = d * ref + (1.0 - d) * model.lin.weight.detach()
+        if t == 3:  # checkpoint and resume mid-ramp
+            restored = ModelEMA(_WithBN(), decay=0.99, ramp_steps=3.0)
+            ema.update(model)
+            restored.load_state_dict(ema.state_dict())
+            ema = restored
+            continue
+        ema.update(model)
+    torch.testing.assert_close(ema.state["lin.weight"], ref)
+    assert ema.num_updates == 5
+    assert ModelEMA(model, decay=0.99).current_decay() == 0.99  # no ramp by default
+    with pytest.raises(ValueError, match="ramp_steps"):
+        ModelEMA(model, ramp_steps=-1)
+
+
 class _Named(nn.Module):
     def __init__(self):
         super().__init__()

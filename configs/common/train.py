@@ -24,8 +24,9 @@ train = dict(
     clip_grad=dict(enabled=True, params=dict(max_norm=0.1, norm_type=2.0)),
     # EMA of the weights, updated after every step, checkpointed and used for evaluation.
     # use_for_eval: evaluation, export, demo and the visualisation tools use a checkpoint's EMA
-    # weights when it has them; False selects its raw weights.
-    model_ema=dict(enabled=False, decay=0.9998, use_for_eval=True),
+    # weights when it has them; False selects its raw weights. ramp_steps > 0 ramps the decay up
+    # as decay * (1 - exp(-step / ramp_steps)) (YOLOv5 / RT-DETR), for runs of few steps.
+    model_ema=dict(enabled=False, decay=0.9998, use_for_eval=True, ramp_steps=0),
     checkpointer=dict(period=5000, max_to_keep=100),  # PeriodicCheckpointer
     eval_period=5000,  # COCO evaluation every N iterations (and after the last); 0: only at the end
     log_period=20,  # metrics.json, TensorBoard and the console line with ETA

@@ -112,7 +112,9 @@ def build_model_ema(cfg, model) -> Optional[ModelEMA]:
     """A :class:`ModelEMA` of ``model`` when ``train.model_ema.enabled``, else ``None``."""
     if not _get(cfg, "train.model_ema.enabled", False):
         return None
-    return ModelEMA(model, decay=_get(cfg, "train.model_ema.decay", 0.9998))
+    return ModelEMA(
+        model, decay=_get(cfg, "train.model_ema.decay", 0.9998), ramp_steps=_get(cfg, "train.model_ema.ramp_steps", 0)
+    )
 
 
 def _train_seed(cfg) -> int:
