@@ -137,3 +137,67 @@ def test_to_three_channels():
     assert (to_three_channels(rgba) == rgba[..., :3]).all()
     with pytest.raises(ValueError):
         to_three_channels(np.zeros((2, 3, 5)))
+
+
+# ------------------------------------------------------------------ exact quarter turns
+def _marked(h, w, rect):
+    img = np.zeros((h, w, 3), dtype=np.uint8)
+    x0, y0, x1, y1 = rect
+    img[y0:y1, x0:x1] = 255
+    return img
+
+
+def _pixel_box(img):
+    """The box of the non-zero pixels (pixel edges, XYXY): the reference a box transform must match."""
+    ys, xs = np.nonzero(img[..., 0])
+    return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, -1, 5])
+def test_rot90_moves_boxes_with_the_pixels(k):
+    from d2detr.data import Rot90Transform
+
+    h, w, rect = 7, 11, (2, 1, 6, 3)  # not square and off-centre, so a wrong turn shows
+    img = _marked(h, w, rect)
+    t = Rot90Transform(h, w, k)
+    out = t.apply_image(img)
+    assert out.shape == ((w, h, 3) if k % 2 else (h, w, 3)) and out.flags["C_CONTIGUOUS"]
+    assert (out == np.rot90(img, k % 4)).all()  # counter-clockwise, as np.rot90
+    assert t.apply_box(np.array([rect], dtype=np.float64)).tolist() == [_pixel_box(out)]
+    back = t.inverse()
+    assert (back.apply_image(out) == img).all()
+    assert back.apply_box(t.apply_box(np.array([rect], dtype=np.float64))).tolist() == [list(rect)]
+
+
+def test_rot90_in_the_mapper_keeps_the_box_on_its_object(tmp_path):
+    from d2detr.data import RandomRot90
+
+    np.random.seed(0)
+    rect = (20, 10, 60, 30)
+    path = _write(tmp_path, "r", "RGB", h=50, w=80, rect=rect)
+    mapper = DetrDatasetMapper(True, [RandomRot90(), T.RandomFlip(prob=0.5)], image_format="RGB")
+    sizes = set()
+    for _ in range(24):
+        out = mapper(_dict(path, [rect], h=50, w=80))
+        img = out["image"].permute(1, 2, 0).numpy()
+        sizes.add(img.shape[:2])
+        assert out["instances"].image_size == img.shape[:2]
+        white = (img.mean(2) > 200).astype(np.uint8)[..., None]
+        assert out["instances"].gt_boxes.tensor.tolist() == [_pixel_box(white)]
+    assert sizes == {(50, 80), (80, 50)}  # both orientations were drawn
+
+
+def test_rot90_rejects_bad_arguments():
+    from d2detr.data import RandomRot90, Rot90Transform
+
+    with pytest.raises(ValueError, match="integer"):
+        Rot90Transform(4, 5, 1.5)
+    with pytest.raises(ValueError, match="positive"):
+        Rot90Transform(0, 5, 1)
+    with pytest.raises(ValueError, match="4x5"):
+        Rot90Transform(4, 5, 1).apply_image(np.zeros((5, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="quarter_turns"):
+        RandomRot90(quarter_turns=())
+    with pytest.raises(ValueError, match="quarter_turns"):
+        RandomRot90(quarter_turns=(0, 0.5))
+    assert isinstance(RandomRot90(quarter_turns=(4,)).get_transform(np.zeros((3, 3, 3))), T.NoOpTransform)

@@ -7,4 +7,5 @@ from .detr_dataset_mapper import (
     build_detr_train_crop_augmentation,
     to_three_channels,
 )
+from .transforms import RandomRot90, Rot90Transform
 from . import datasets  # noqa: F401  registers the built-in datasets, as detectron2.data does
