@@ -128,3 +128,28 @@ def test_training_returns_weighted_losses_and_can_pass_targets():
     assert model.bias.grad is not None
     with pytest.raises(ValueError, match="instances"):
         model(_inputs([(10, 10)], [(10, 10)]))
+
+
+def test_optional_nms_removes_same_class_duplicates_only():
+    """test_nms_thresh: class-wise NMS over the selected detections, highest score kept. Boxes
+    (normalised cxcywh, 100x100 image): A and its near-copy A' (IoU 0.82) of class 0, B far away of
+    class 0, A'' = A's copy of class 1. Hand-computed: NMS at 0.7 drops A' only; at 0.9 none."""
+    boxes = torch.tensor([[[0.30, 0.30, 0.20, 0.20], [0.31, 0.31, 0.20, 0.20],
+                           [0.80, 0.80, 0.10, 0.10], [0.31, 0.31, 0.20, 0.20]]])
+    logits = torch.full((1, 4, 2), -9.0)
+    for q, (c, s) in enumerate([(0, 3.0), (0, 2.0), (0, 1.0), (1, 0.5)]):
+        logits[0, q, c] = s
+    outputs = {"pred_logits": logits, "pred_boxes": boxes}
+
+    def kept(thresh):
+        model = FakeDETR(use_focal=True, k=4, test_nms_thresh=thresh)
+        model.num_classes = 2
+        res = model.inference(outputs, [(100, 100)])[0]
+        return [round(b, 1) for b in res.pred_boxes.tensor[:, 0].tolist()], res.pred_classes.tolist()
+
+    assert kept(None) == ([20.0, 21.0, 75.0, 21.0], [0, 0, 0, 1])  # no NMS: the papers' set prediction
+    assert kept(0.7) == ([20.0, 75.0, 21.0], [0, 0, 1])  # A' suppressed by A; A'' has another class
+    assert kept(0.9) == ([20.0, 21.0, 75.0, 21.0], [0, 0, 0, 1])
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="test_nms_thresh"):
+            FakeDETR(use_focal=True, test_nms_thresh=bad)

@@ -192,3 +192,30 @@ def test_padding_mask_inside_the_graph(tmp_path):
             with torch.no_grad():
                 boxes, scores, classes = exported(image)
             assert_matches_eager(model, image, {"boxes": boxes, "scores": scores, "classes": classes})
+
+
+@needs_op
+def test_exported_outputs_plus_nms_match_eager_inference_with_test_nms_thresh(tmp_path, caplog):
+    """A model with ``test_nms_thresh`` applies NMS eagerly; the graph keeps all K detections and
+    says so, and ``torchvision.ops.batched_nms`` on its outputs gives the eager boxes (README)."""
+    import logging
+
+    from torchvision.ops import batched_nms
+
+    from d2detr.export import export_torchscript
+
+    config = write_tiny_config(tmp_path, "deformable_detr", extra="model.test_nms_thresh = 0.5\n")
+    model, _ = build_tiny(config)
+    with caplog.at_level(logging.WARNING, logger="d2detr.export.wrapper"):
+        traced = export_torchscript(model, random_image(96, 128, seed=1), str(tmp_path / "m.ts"))
+    assert any("test_nms_thresh=0.5" in r.getMessage() for r in caplog.records)
+    image = random_image(112, 144, seed=2)
+    with torch.no_grad():
+        boxes, scores, classes = traced(image)
+        inst = model([{"image": image}])[0]["instances"]
+    keep = batched_nms(boxes, scores, classes, 0.5)
+    assert boxes.shape[0] == 10 and len(keep) < 10  # NMS removed something: the check has teeth
+    keep = keep[Boxes(boxes[keep]).nonempty()]  # eager also drops boxes empty after clipping
+    torch.testing.assert_close(boxes[keep], inst.pred_boxes.tensor, atol=1e-4, rtol=0)
+    torch.testing.assert_close(scores[keep], inst.scores, atol=1e-4, rtol=0)
+    assert torch.equal(classes[keep], inst.pred_classes)

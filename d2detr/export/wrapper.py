@@ -13,6 +13,7 @@ It matches ``model([{"image": image}])`` (Detectron2's eager inference) box for 
 that Detectron2's ``detector_postprocess`` additionally drops boxes that are empty after
 clipping; the wrapper keeps a fixed number ``K`` of detections (filter by score downstream).
 """
+import logging
 from typing import List, Tuple
 
 import torch
@@ -21,6 +22,8 @@ from detectron2.structures import ImageList
 from torch import Tensor, nn
 
 from d2detr.layers.box_ops import box_cxcywh_to_xyxy
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ExportableDetector", "feature_strides", "min_image_size", "check_image"]
 
@@ -113,6 +116,13 @@ class ExportableDetector(nn.Module):
                     f"ExportableDetector needs a DETRBase-style model with `{name}`; got {type(model).__name__}"
                 )
         self.model = model.eval()
+        nms = getattr(model, "test_nms_thresh", None)
+        if nms is not None:
+            logger.warning(
+                "%s has test_nms_thresh=%s, which eager inference applies; the exported graph returns the "
+                "K top detections without NMS: apply torchvision.ops.batched_nms(boxes, scores, classes, %s) "
+                "to its outputs to match eager inference.", type(model).__name__, nms, nms,
+            )
         self.size_divisibility = int(getattr(model, "size_divisibility", 0) or 0)
         self.needs_targets = bool(getattr(model, "forward_features_needs_targets", False))
 

@@ -94,6 +94,7 @@ class DeformableDETR(DETRBase):
         pixel_std=(58.395, 57.120, 57.375),
         size_divisibility: int = 0,
         input_format: str = "RGB",
+        test_nms_thresh: Optional[float] = None,
     ):
         super().__init__(
             backbone=backbone,
@@ -105,6 +106,7 @@ class DeformableDETR(DETRBase):
             use_focal=True,
             size_divisibility=size_divisibility,
             input_format=input_format,
+            test_nms_thresh=test_nms_thresh,
         )
         two_stage = transformer.two_stage
         if two_stage and not with_box_refine:

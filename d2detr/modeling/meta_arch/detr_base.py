@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from detectron2.layers import batched_nms
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
@@ -60,6 +61,10 @@ class DETRBase(nn.Module):
             the backbone's own ``size_divisibility``).
         input_format: channel order of the ``image`` tensors the mapper produces
             ("RGB" or "BGR"); BGR inputs are flipped to RGB before normalisation.
+        test_nms_thresh: None (the papers' set prediction: no NMS), or an IoU threshold in (0, 1]
+            for class-wise NMS over the selected detections at inference, as Detectron2's
+            ``test_nms_thresh``: for briefly trained models whose one-to-one matching has not
+            yet removed duplicate boxes. Eager inference only; exported graphs keep all ``K``.
     """
 
     #: Set to True in a subclass whose ``forward_features`` takes a ``targets`` keyword
@@ -98,10 +103,14 @@ class DETRBase(nn.Module):
         use_focal: bool = False,
         size_divisibility: int = 0,
         input_format: str = "RGB",
+        test_nms_thresh: Optional[float] = None,
     ):
         super().__init__()
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
+        if test_nms_thresh is not None and not 0.0 < test_nms_thresh <= 1.0:
+            raise ValueError(f"test_nms_thresh must be None or an IoU threshold in (0, 1], got {test_nms_thresh!r}")
+        self.test_nms_thresh = test_nms_thresh
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
             raise ValueError("pixel_mean and pixel_std need 3 values (RGB)")
         self.backbone = backbone
@@ -272,5 +281,7 @@ class DETRBase(nn.Module):
             res.pred_boxes = Boxes(box_cxcywh_to_xyxy(b) * scale)
             res.scores = s
             res.pred_classes = l
+            if self.test_nms_thresh is not None:
+                res = res[batched_nms(res.pred_boxes.tensor, s, l, self.test_nms_thresh)]  # kept by score
             results.append(res)
         return results
