@@ -135,4 +135,24 @@ def test_recipe_width_and_levels_agree_in_every_part(config, width, num_levels, 
     assert [tuple(m.shape) for m in maps] == [(1, width, 256 // s, 384 // s) for s in strides]
     with torch.no_grad():
         out = model([{"image": torch.zeros(3, 256, 384, dtype=torch.uint8), "height": 256, "width": 384}])
-    assert len(out[0]["instances"]) == cfg.model.select_box_nums_for_evaluation
+    # the recipe applies NMS at IoU 0.7 (tests/test_detr_base.py tests the NMS itself)
+    assert model.test_nms_thresh == (0.7 if config.endswith("dino_recipe.py") else None)
+    kept = len(out[0]["instances"])
+    assert kept == cfg.model.select_box_nums_for_evaluation if model.test_nms_thresh is None else 0 < kept <= 100
+
+
+def test_recipe_trains_on_all_eight_views():
+    """Quarter turns with the two flips: the recipe's training data are the 8 symmetries of a tile."""
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.data import transforms as T
+
+    from d2detr.data import RandomRot90
+
+    cfg = LazyConfig.load(os.path.join(REPO, "configs/neon_trees/dino_recipe.py"))
+    augs = instantiate(cfg.dataloader.train.mapper).augmentation.augs
+    assert isinstance(augs[0], RandomRot90) and augs[0].quarter_turns == (0, 1, 2, 3)
+    flips = [(a.horizontal, a.vertical) for a in augs if isinstance(a, T.RandomFlip)]
+    assert sorted(flips) == [(False, True), (True, False)]
+    # the comparison's DINO keeps the shared augmentation (flips and scales only)
+    base = LazyConfig.load(os.path.join(REPO, "configs/neon_trees/dino_mobilenetv2.py"))
+    assert not any(isinstance(a, RandomRot90) for a in instantiate(base.dataloader.train.mapper).augmentation.augs)
