@@ -38,8 +38,8 @@ model.select_box_nums_for_evaluation = 100
 # Quarter turns on top of the flips (aerial tiles have no "up"): all 8 views of each tile.
 dataloader.train.mapper.augmentation.insert(0, L(RandomRot90)())
 # Class-wise NMS at IoU 0.7 over the 100 kept detections: after minutes of training one-to-one
-# matching has not yet removed all duplicates; +0.5 to +1.3 AP on four trained recipes
-# (docs/detectron2_baselines.md). Export keeps the K detections without it (see the README).
+# matching has not yet removed all duplicates; +0.5 to +1.3 AP on four trained recipes, eval-only
+# (docs/detectron2_baselines.md, update of 2026-12-03). Export keeps the K detections without it (see the README).
 model.test_nms_thresh = 0.7
 
 train.output_dir = "./output/neon_trees_demo"
