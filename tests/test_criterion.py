@@ -121,3 +121,50 @@ def test_zero_target_images_are_finite_and_differentiable(use_focal):
     if use_focal:
         ref = torchvision.ops.sigmoid_focal_loss(logits, torch.zeros_like(logits), reduction="sum")
         torch.testing.assert_close(losses["loss_class"], 2.0 * ref)
+
+
+def test_varifocal_class_loss_hand_computed():
+    """IoU-aware classification (VarifocalNet / RT-DETR's VFL): the matched query's target is the
+    IoU of its box with the target box, computed here with torchvision; negatives keep the
+    focal down-weighting alpha * p**gamma; positives are weighted by the IoU."""
+    outputs, tgt = _tiny(2)
+    matcher = HungarianMatcher(cost_class=2, use_focal=True)
+    crit = SetCriterion(2, matcher, W, use_focal=True, class_loss="varifocal", varifocal_alpha=0.75)
+    losses = crit(outputs, tgt)
+    iou = torchvision.ops.box_iou(_box_xyxy(outputs["pred_boxes"][0, 0]), _box_xyxy(tgt[0]["boxes"][0]))[0, 0]
+    assert 0.2 < iou < 0.9  # a partial overlap, so the target is really soft
+
+    def bce(x, t):
+        x = torch.tensor(x)
+        return -(t * torch.log(torch.sigmoid(x)) + (1 - t) * torch.log(1 - torch.sigmoid(x)))
+
+    pos = iou * bce(2.0, iou)  # query 0, class 1
+    neg = sum(0.75 * torch.sigmoid(torch.tensor(x)) ** 2 * bce(x, 0.0) for x in (0.2, 0.3, -0.4))
+    torch.testing.assert_close(losses["loss_class"], 2.0 * (pos + neg))
+    # the box losses are unchanged by the class loss
+    focal = SetCriterion(2, matcher, W, use_focal=True)(outputs, tgt)
+    torch.testing.assert_close(losses["loss_bbox"], focal["loss_bbox"])
+    # gradients reach the logits only (the IoU target is detached)
+    logits = outputs["pred_logits"].clone().requires_grad_()
+    boxes = outputs["pred_boxes"].clone().requires_grad_()
+    crit({"pred_logits": logits, "pred_boxes": boxes}, tgt)["loss_class"].backward()
+    assert logits.grad.abs().sum() > 0 and boxes.grad is None
+
+
+def test_varifocal_is_refused_without_sigmoid_classification_and_for_unknown_names():
+    with pytest.raises(ValueError, match="use_focal"):
+        SetCriterion(2, HungarianMatcher(), W, class_loss="varifocal")
+    with pytest.raises(ValueError, match="class_loss"):
+        SetCriterion(2, HungarianMatcher(), W, use_focal=True, class_loss="vfl")
+    from d2detr.modeling.losses import varifocal_loss
+
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        varifocal_loss(torch.zeros(2, 3), torch.full((2, 3), 1.5))
+
+
+def test_varifocal_on_zero_target_images_is_finite():
+    outputs, _ = _tiny(2)
+    crit = SetCriterion(2, HungarianMatcher(cost_class=2, use_focal=True), W, use_focal=True, class_loss="varifocal")
+    losses = crit(outputs, [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}])
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_bbox"] == 0

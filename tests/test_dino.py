@@ -247,6 +247,37 @@ def test_denoising_loss_is_normalised_by_boxes_times_groups(tmp_path):
     assert out["pred_logits"].shape[1] == 12 and out["dn_outputs"]["pred_logits"].shape[1] == 200
 
 
+def test_varifocal_class_loss_covers_denoising_matching_and_encoder_outputs(tmp_path):
+    """With ``criterion.class_loss="varifocal"`` every set (matched, denoising, encoder) gets the
+    IoU-aware target: ``loss_class_dn`` equals the varifocal loss recomputed here from the
+    denoising outputs, their known targets and torchvision's IoU; the model still trains."""
+    import torchvision
+
+    from d2detr.layers.box_ops import box_cxcywh_to_xyxy
+    from d2detr.modeling.losses import varifocal_loss
+
+    model = tiny(tmp_path, **{"criterion.class_loss": "varifocal"})
+    batch = batch_with([2, 1])
+    images, masks = model.preprocess_image(batch)
+    targets = model.prepare_targets([x["instances"] for x in batch])
+    model.train()
+    torch.manual_seed(3)
+    out = model.forward_features(images, masks, targets=targets)
+    losses = model.criterion(out, targets)
+    meta, dn = out["dn_meta"], out["dn_outputs"]
+    quality = torch.zeros_like(dn["pred_logits"])
+    for b, (query, tgt) in enumerate(denoising_match_indices(targets, meta)):
+        iou = torchvision.ops.box_iou(
+            box_cxcywh_to_xyxy(dn["pred_boxes"][b, query].detach()), box_cxcywh_to_xyxy(targets[b]["boxes"][tgt])
+        ).diagonal()
+        quality[b, query, targets[b]["labels"][tgt]] = iou
+    ref = varifocal_loss(dn["pred_logits"], quality, 0.75, 2.0, reduction="sum") / (3 * meta["num_groups"])
+    torch.testing.assert_close(losses["loss_class_dn"], 1.0 * ref)
+    assert {"loss_class_enc", "loss_class_0", "loss_class_dn_0"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+
+
 def test_matching_queries_do_not_see_denoising_queries(tmp_path):
     """With the mask, the matching queries' outputs do not depend on the denoising queries."""
     model = tiny(tmp_path).eval()  # eval: no dropout; denoising passed by hand

@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from detectron2.utils import comm
 from torch import Tensor, nn
 
-from d2detr.layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from d2detr.layers.box_ops import box_area, box_cxcywh_to_xyxy, generalized_box_iou
 
 from .denoising import denoising_match_indices
 from .hybrid_matching import repeat_targets
-from .losses import sigmoid_focal_loss
+from .losses import sigmoid_focal_loss, varifocal_loss
 
 __all__ = ["SetCriterion"]
 
@@ -26,7 +26,10 @@ class SetCriterion(nn.Module):
     - ``"class"`` (alias ``"labels"``) -> ``loss_class``: softmax cross-entropy over
       ``num_classes + 1`` logits with the no-object class weighted by ``eos_coef``
       (DETR), or with ``use_focal=True`` the sigmoid focal loss over ``num_classes``
-      logits summed and divided by the number of boxes (Deformable DETR).
+      logits summed and divided by the number of boxes (Deformable DETR); with also
+      ``class_loss="varifocal"`` the varifocal loss instead (VarifocalNet; RT-DETR's "VFL"):
+      the matched query's target at its class is the (detached) IoU of its box with the target
+      box rather than 1, so scores rank by localisation quality.
     - ``"boxes"`` -> ``loss_bbox`` (L1 on normalised cxcywh, or XYXY with
       ``l1_box_format="xyxy"`` as mmdet's AdaMixer / DEQDet) and ``loss_giou``, both summed
       over matched pairs and divided by the number of boxes.
@@ -62,8 +65,16 @@ class SetCriterion(nn.Module):
         enc_class_agnostic: bool = True,
         l1_box_format: str = "cxcywh",
         one2many_repeat: int = 0,
+        class_loss: str = "focal",
+        varifocal_alpha: float = 0.75,
     ):
         super().__init__()
+        if class_loss not in ("focal", "varifocal"):
+            raise ValueError(f"class_loss must be 'focal' or 'varifocal', got {class_loss!r}")
+        if class_loss == "varifocal" and not use_focal:
+            raise ValueError("class_loss='varifocal' needs sigmoid classification (use_focal=True)")
+        self.class_loss = class_loss
+        self.varifocal_alpha = varifocal_alpha
         if one2many_repeat < 0:
             raise ValueError(f"one2many_repeat must be >= 0, got {one2many_repeat}")
         self.one2many_repeat = one2many_repeat
@@ -105,6 +116,10 @@ class SetCriterion(nn.Module):
             target_classes[idx] = matched_labels
             onehot = torch.zeros(B, Q, K + 1, dtype=logits.dtype, device=logits.device)
             onehot.scatter_(2, target_classes.unsqueeze(-1), 1)
+            if self.class_loss == "varifocal":
+                quality = onehot[..., :-1] * self._matched_ious(outputs, targets, indices, idx, B, Q)[..., None]
+                loss = varifocal_loss(logits, quality, self.varifocal_alpha, self.focal_gamma, reduction="sum")
+                return {"loss_class": loss / num_boxes}
             loss = sigmoid_focal_loss(
                 logits, onehot[..., :-1], self.focal_alpha, self.focal_gamma, reduction="sum"
             )
@@ -117,6 +132,20 @@ class SetCriterion(nn.Module):
         target_classes[idx] = matched_labels
         loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
         return {"loss_class": loss}
+
+    def _matched_ious(self, outputs, targets, indices, idx, B: int, Q: int) -> Tensor:
+        """(B, Q) detached IoU of each matched query's box with its target, 0 for the unmatched."""
+        pred = outputs["pred_boxes"].detach().float()
+        src = box_cxcywh_to_xyxy(pred[idx])
+        tgt = box_cxcywh_to_xyxy(torch.cat([t["boxes"][J] for t, (_, J) in zip(targets, indices)]).to(src))
+        ious = torch.zeros(B, Q, dtype=src.dtype, device=src.device)
+        if len(src):
+            lt = torch.max(src[:, :2], tgt[:, :2])
+            rb = torch.min(src[:, 2:], tgt[:, 2:])
+            inter = (rb - lt).clamp(min=0).prod(-1)
+            union = box_area(src) + box_area(tgt) - inter
+            ious[idx] = (inter / union.clamp(min=1e-12)).clamp(0, 1)
+        return ious
 
     def loss_boxes(self, outputs, targets, indices, num_boxes) -> Dict[str, Tensor]:
         pred = outputs["pred_boxes"]
@@ -205,6 +234,6 @@ class SetCriterion(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, losses={self.losses}, use_focal={self.use_focal}, "
-            f"eos_coef={self.eos_coef}, focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}, "
+            f"eos_coef={self.eos_coef}, class_loss={self.class_loss}, focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}, "
             f"weight_dict={self.weight_dict}" + (f", one2many_repeat={self.one2many_repeat}" if self.one2many_repeat else "")
         )
