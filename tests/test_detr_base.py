@@ -153,3 +153,6 @@ def test_optional_nms_removes_same_class_duplicates_only():
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="test_nms_thresh"):
             FakeDETR(use_focal=True, test_nms_thresh=bad)
+    # "None" from a command line (whose grammar spells None as null) is named, not a TypeError
+    with pytest.raises(ValueError, match="=null"):
+        FakeDETR(use_focal=True, test_nms_thresh="None")

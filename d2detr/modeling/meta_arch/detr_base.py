@@ -108,8 +108,14 @@ class DETRBase(nn.Module):
         super().__init__()
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
-        if test_nms_thresh is not None and not 0.0 < test_nms_thresh <= 1.0:
-            raise ValueError(f"test_nms_thresh must be None or an IoU threshold in (0, 1], got {test_nms_thresh!r}")
+        if test_nms_thresh is not None and (
+            isinstance(test_nms_thresh, (str, bool)) or not 0.0 < test_nms_thresh <= 1.0
+        ):
+            # a string here is usually "None" from the command line, whose grammar spells it null
+            raise ValueError(
+                "test_nms_thresh must be None (model.test_nms_thresh=null on the command line) or an IoU "
+                f"threshold in (0, 1], got {test_nms_thresh!r}"
+            )
         self.test_nms_thresh = test_nms_thresh
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
             raise ValueError("pixel_mean and pixel_std need 3 values (RGB)")
