@@ -39,12 +39,12 @@ model.select_box_nums_for_evaluation = 100
 # Quarter turns on top of the flips (aerial tiles have no "up"): all 8 views of each tile.
 dataloader.train.mapper.augmentation.insert(0, L(RandomRot90)())
 # Class-wise NMS at IoU 0.7 over the 100 kept detections: after minutes of training one-to-one
-# matching has not yet removed all duplicates; +0.5 to +1.3 AP on four trained recipes, eval-only
-# (docs/detectron2_baselines.md, update of 2026-12-03). Export keeps the K detections without it (see the README).
+# matching has not yet removed all duplicates; +0.8 to +1.5 AP on the three trained recipes, eval-only
+# (docs/detectron2_baselines.md, "Reading"). Export keeps the K detections without it (see the README).
 model.test_nms_thresh = 0.7
 # IoU-aware classification (VarifocalNet's loss, as RT-DETR uses it on DINO-style queries): the
 # matched query's class target is its box's IoU, so scores rank by localisation. 19.2 AP against
-# 17.2 with the focal loss (seed 42), 15-min wall comparison of 2026-12-03; the doc gives the seeds.
+# 17.2 with the focal loss (seed 42), 15-min wall comparison of 2026-12-03; 19.1 / 16.4 with seeds 43 / 44.
 model.criterion.class_loss = "varifocal"
 
 train.output_dir = "./output/neon_trees_demo"
