@@ -71,6 +71,15 @@ def test_table_and_demo_printout(tmp_path):
     assert "2026-12-02 09:55 UTC" in text and "--budget-min 10" in text
     assert "| FRCNN | 5.0 | 17.0 | 1.0 | 160 | 10 min, process clock, 1 thread(s) |" in text
     assert "no baseline comparison" in neon_trees_demo.format_baselines(str(tmp_path / "missing.json"))
+    # Detectron2's rows come first however the JSON was filled (variants are appended as they run)
+    results = _results()
+    frcnn = results["methods"]["faster_rcnn"]
+    results["methods"] = {"dino_recipe": dict(frcnn, label="DINO", kind="d2detr"),
+                          "faster_rcnn@seed43": dict(frcnn, label="FRCNN 43", kind="detectron2"),
+                          "dino_recipe@seed43": dict(frcnn, label="DINO 43", kind="d2detr")}
+    path.write_text(json.dumps(results))
+    rows = [line.split(" | ")[0][2:] for line in neon_trees_demo.format_baselines(str(path)).splitlines()[3:6]]
+    assert rows == ["FRCNN 43", "DINO", "DINO 43"]
 
 
 def test_tagged_variants_sit_beside_their_method(tmp_path):

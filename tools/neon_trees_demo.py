@@ -98,7 +98,10 @@ def format_baselines(path: str) -> str:
     with open(path) as f:
         results = json.load(f)
     lines = ["| model | AP | AP50 | AP75 | iterations | budget |", "|---|---:|---:|---:|---:|---|"]
-    for name, r in results.get("methods", {}).items():
+    methods = results.get("methods", {})
+    # Detectron2's rows first, then d2detr's, each in the order they were run
+    for name in sorted(methods, key=lambda n: methods[n].get("kind") != "detectron2"):
+        r = methods[name]
         f_ = r.get("final", {})
         lines.append(
             f"| {r.get('label', name)} | {f_.get('AP', float('nan')):.1f} | {f_.get('AP50', float('nan')):.1f} "
