@@ -49,6 +49,18 @@ def batch_with(counts, size=64):
     return out
 
 
+def train_forward(model, counts):
+    """One training forward on ``batch_with(counts)``: the raw outputs, the normalised targets
+    and the criterion's weighted losses (denoising noise seeded)."""
+    batch = batch_with(counts)
+    images, masks = model.preprocess_image(batch)
+    targets = model.prepare_targets([x["instances"] for x in batch])
+    model.train()
+    torch.manual_seed(3)
+    out = model.forward_features(images, masks, targets=targets)
+    return out, targets, model.criterion(out, targets)
+
+
 # ------------------------------------------------------------------------- configs
 def test_r50_4scale_config_is_the_official_recipe():
     cfg = LazyConfig.load(os.path.join(CFG_DIR, "dino_r50_4scale_12ep.py"))
@@ -230,13 +242,7 @@ def test_denoising_loss_is_normalised_by_boxes_times_groups(tmp_path):
     """``loss_bbox_dn`` = L1 of the positive denoising queries against their own targets, summed
     and divided by num_boxes * num_groups, times the weight 5."""
     model = tiny(tmp_path)
-    batch = batch_with([2, 1])
-    images, masks = model.preprocess_image(batch)
-    targets = model.prepare_targets([x["instances"] for x in batch])
-    model.train()
-    torch.manual_seed(3)
-    out = model.forward_features(images, masks, targets=targets)
-    losses = model.criterion(out, targets)
+    out, targets, losses = train_forward(model, [2, 1])
     meta = out["dn_meta"]
     assert meta["num_groups"] == 50 and meta["max_gt"] == 2
     l1 = 0.0
@@ -257,13 +263,7 @@ def test_varifocal_class_loss_covers_denoising_matching_and_encoder_outputs(tmp_
     from d2detr.modeling.losses import varifocal_loss
 
     model = tiny(tmp_path, **{"criterion.class_loss": "varifocal"})
-    batch = batch_with([2, 1])
-    images, masks = model.preprocess_image(batch)
-    targets = model.prepare_targets([x["instances"] for x in batch])
-    model.train()
-    torch.manual_seed(3)
-    out = model.forward_features(images, masks, targets=targets)
-    losses = model.criterion(out, targets)
+    out, targets, losses = train_forward(model, [2, 1])
     meta, dn = out["dn_meta"], out["dn_outputs"]
     quality = torch.zeros_like(dn["pred_logits"])
     for b, (query, tgt) in enumerate(denoising_match_indices(targets, meta)):

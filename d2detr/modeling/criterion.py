@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from detectron2.utils import comm
 from torch import Tensor, nn
 
-from d2detr.layers.box_ops import box_area, box_cxcywh_to_xyxy, generalized_box_iou
+from d2detr.layers.box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
 
 from .denoising import denoising_match_indices
 from .hybrid_matching import repeat_targets
@@ -140,11 +140,7 @@ class SetCriterion(nn.Module):
         tgt = box_cxcywh_to_xyxy(torch.cat([t["boxes"][J] for t, (_, J) in zip(targets, indices)]).to(src))
         ious = torch.zeros(B, Q, dtype=src.dtype, device=src.device)
         if len(src):
-            lt = torch.max(src[:, :2], tgt[:, :2])
-            rb = torch.min(src[:, 2:], tgt[:, 2:])
-            inter = (rb - lt).clamp(min=0).prod(-1)
-            union = box_area(src) + box_area(tgt) - inter
-            ious[idx] = (inter / union.clamp(min=1e-12)).clamp(0, 1)
+            ious[idx] = torch.diag(box_iou(src, tgt)[0])
         return ious
 
     def loss_boxes(self, outputs, targets, indices, num_boxes) -> Dict[str, Tensor]:
