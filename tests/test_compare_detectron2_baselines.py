@@ -146,6 +146,8 @@ def test_recipe_width_and_levels_agree_in_every_part(config, width, num_levels, 
         out = model([{"image": torch.zeros(3, 256, 384, dtype=torch.uint8), "height": 256, "width": 384}])
     # the recipe applies NMS at IoU 0.7 (tests/test_detr_base.py tests the NMS itself)
     assert model.test_nms_thresh == (0.7 if config.endswith("dino_recipe.py") else None)
+    # over all 300 queries' top detections, then the 100 best survivors (COCO's maxDets)
+    assert model.test_topk_candidates == (300 if config.endswith("dino_recipe.py") else None)
     # and the IoU-aware (varifocal) class loss; the convergence comparison keeps DINO's focal loss
     assert model.criterion.class_loss == ("varifocal" if config.endswith("dino_recipe.py") else "focal")
     kept = len(out[0]["instances"])

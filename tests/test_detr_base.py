@@ -156,3 +156,28 @@ def test_optional_nms_removes_same_class_duplicates_only():
     # "None" from a command line (whose grammar spells None as null) is named, not a TypeError
     with pytest.raises(ValueError, match="=null"):
         FakeDETR(use_focal=True, test_nms_thresh="None")
+
+
+def test_topk_candidates_go_through_nms_before_the_cap():
+    """test_topk_candidates: the top candidates go into NMS and the K best survivors are kept, so a
+    duplicate does not cost a slot (Detectron2's RetinaNet order). Boxes as above: A (score 3), its
+    near-copy A' (2), B far away (1), C elsewhere (0.5), all class 0; K = 2, NMS at 0.7."""
+    boxes = torch.tensor([[[0.30, 0.30, 0.20, 0.20], [0.31, 0.31, 0.20, 0.20],
+                           [0.80, 0.80, 0.10, 0.10], [0.55, 0.20, 0.10, 0.10]]])
+    logits = torch.full((1, 4, 1), -9.0)
+    logits[0, :, 0] = torch.tensor([3.0, 2.0, 1.0, 0.5])
+    outputs = {"pred_logits": logits, "pred_boxes": boxes}
+
+    def kept(candidates, thresh=0.7):
+        model = FakeDETR(use_focal=True, k=2, test_nms_thresh=thresh, test_topk_candidates=candidates)
+        model.num_classes = 1
+        res = model.inference(outputs, [(100, 100)])[0]
+        return [round(b, 1) for b in res.pred_boxes.tensor[:, 0].tolist()]
+
+    assert kept(None) == [20.0]  # top 2 = A, A'; NMS leaves A alone
+    assert kept(3) == [20.0, 75.0]  # A, A', B -> A, B
+    assert kept(4) == [20.0, 75.0]  # A, A', B, C -> A, B, C, capped at K = 2
+    assert kept(4, thresh=None) == [20.0, 21.0]  # no NMS: the top K, as without candidates
+    for bad in (1, "None", True):
+        with pytest.raises(ValueError, match="test_topk_candidates"):
+            FakeDETR(use_focal=True, k=2, test_topk_candidates=bad)

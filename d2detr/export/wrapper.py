@@ -123,6 +123,12 @@ class ExportableDetector(nn.Module):
                 "K top detections without NMS: apply torchvision.ops.batched_nms(boxes, scores, classes, %s) "
                 "to its outputs to match eager inference.", type(model).__name__, nms, nms,
             )
+            if getattr(model, "test_topk_candidates", None):
+                logger.warning(
+                    "eager inference runs NMS over the top test_topk_candidates=%s detections; the exported graph "
+                    "returns select_box_nums_for_evaluation=%s", model.test_topk_candidates,
+                    model.select_box_nums_for_evaluation,
+                )
         self.size_divisibility = int(getattr(model, "size_divisibility", 0) or 0)
         self.needs_targets = bool(getattr(model, "forward_features_needs_targets", False))
 

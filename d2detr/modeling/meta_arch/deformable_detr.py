@@ -95,6 +95,7 @@ class DeformableDETR(DETRBase):
         size_divisibility: int = 0,
         input_format: str = "RGB",
         test_nms_thresh: Optional[float] = None,
+        test_topk_candidates: Optional[int] = None,
     ):
         super().__init__(
             backbone=backbone,
@@ -107,6 +108,7 @@ class DeformableDETR(DETRBase):
             size_divisibility=size_divisibility,
             input_format=input_format,
             test_nms_thresh=test_nms_thresh,
+            test_topk_candidates=test_topk_candidates,
         )
         two_stage = transformer.two_stage
         if two_stage and not with_box_refine:

@@ -65,6 +65,11 @@ class DETRBase(nn.Module):
             for class-wise NMS over the selected detections at inference, as Detectron2's
             ``test_nms_thresh``: for briefly trained models whose one-to-one matching has not
             yet removed duplicate boxes. Eager inference only; exported graphs keep all ``K``.
+        test_topk_candidates: with ``test_nms_thresh``, how many top-scoring detections go into
+            NMS, of which the ``select_box_nums_for_evaluation`` best survivors are kept (as
+            Detectron2's RetinaNet: ``test_topk_candidates`` before NMS, then
+            ``max_detections_per_image``); None: ``select_box_nums_for_evaluation``, so NMS only
+            removes detections. No effect without NMS (the top ``K`` are the same).
     """
 
     #: Set to True in a subclass whose ``forward_features`` takes a ``targets`` keyword
@@ -104,6 +109,7 @@ class DETRBase(nn.Module):
         size_divisibility: int = 0,
         input_format: str = "RGB",
         test_nms_thresh: Optional[float] = None,
+        test_topk_candidates: Optional[int] = None,
     ):
         super().__init__()
         if input_format not in ("RGB", "BGR"):
@@ -117,6 +123,14 @@ class DETRBase(nn.Module):
                 f"threshold in (0, 1], got {test_nms_thresh!r}"
             )
         self.test_nms_thresh = test_nms_thresh
+        if test_topk_candidates is not None and (
+            isinstance(test_topk_candidates, (str, bool)) or test_topk_candidates < select_box_nums_for_evaluation
+        ):
+            raise ValueError(
+                "test_topk_candidates must be None (model.test_topk_candidates=null on the command line) or at "
+                f"least select_box_nums_for_evaluation ({select_box_nums_for_evaluation}), got {test_topk_candidates!r}"
+            )
+        self.test_topk_candidates = test_topk_candidates
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
             raise ValueError("pixel_mean and pixel_std need 3 values (RGB)")
         self.backbone = backbone
@@ -254,18 +268,21 @@ class DETRBase(nn.Module):
         return self.criterion(outputs, targets)
 
     # -------------------------------------------------------------- inference
-    def select_detections(self, logits: Tensor, boxes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """``logits [B,Q,C]``, ``boxes [B,Q,4]`` -> ``(scores, labels, boxes)`` each ``[B,K,...]``."""
+    def select_detections(self, logits: Tensor, boxes: Tensor,
+                          num: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """``logits [B,Q,C]``, ``boxes [B,Q,4]`` -> ``(scores, labels, boxes)`` each ``[B,K,...]``,
+        the top ``K = num`` (default ``select_box_nums_for_evaluation``; fewer if there are fewer)."""
         B, Q, C = logits.shape
+        num = self.select_box_nums_for_evaluation if num is None else num
         if self.use_focal:
             prob = logits.sigmoid().flatten(1)
-            k = num_selected(self.select_box_nums_for_evaluation, prob, 1)
+            k = num_selected(num, prob, 1)
             scores, idx = prob.topk(k, dim=1)
             query = torch.div(idx, C, rounding_mode="floor")
             labels = idx % C
         else:
             scores, labels = logits.softmax(-1)[..., :-1].max(-1)
-            k = min(self.select_box_nums_for_evaluation, Q)
+            k = min(num, Q)
             query = torch.arange(Q, device=logits.device).expand(B, Q)
             if k < Q:
                 scores, order = scores.topk(k, dim=1)
@@ -277,8 +294,10 @@ class DETRBase(nn.Module):
     def inference(self, outputs: Dict, image_sizes: List[Tuple[int, int]]) -> List[Instances]:
         """Top detections per image as ``Instances`` in the (resized, unpadded) input's
         pixel coordinates; :meth:`forward` then rescales them to ``height``/``width``."""
+        use_nms = self.test_nms_thresh is not None
         scores, labels, boxes = self.select_detections(
-            outputs["pred_logits"].float(), outputs["pred_boxes"].float()
+            outputs["pred_logits"].float(), outputs["pred_boxes"].float(),
+            self.test_topk_candidates if use_nms else None,
         )
         results = []
         for s, l, b, (h, w) in zip(scores, labels, boxes, image_sizes):
@@ -287,7 +306,8 @@ class DETRBase(nn.Module):
             res.pred_boxes = Boxes(box_cxcywh_to_xyxy(b) * scale)
             res.scores = s
             res.pred_classes = l
-            if self.test_nms_thresh is not None:
-                res = res[batched_nms(res.pred_boxes.tensor, s, l, self.test_nms_thresh)]  # kept by score
+            if use_nms:
+                keep = batched_nms(res.pred_boxes.tensor, s, l, self.test_nms_thresh)  # by decreasing score
+                res = res[keep[: self.select_box_nums_for_evaluation]]
             results.append(res)
         return results
