@@ -154,6 +154,28 @@ def test_recipe_width_and_levels_agree_in_every_part(config, width, num_levels, 
     assert kept == cfg.model.select_box_nums_for_evaluation if model.test_nms_thresh is None else 0 < kept <= 100
 
 
+def test_res2_recipe_reads_stride_4_in_the_decoder_only():
+    """``dino_res2_recipe.py``: the recipe plus res2 as a decoder-only level -- the neck gives five
+    maps (strides 4-64), the encoder attends to the last four, the decoder to all five, and
+    the recipe's query counts and inference settings are kept."""
+    import torch
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.load(os.path.join(REPO, "configs/neon_trees/dino_res2_recipe.py"))
+    cfg.model.backbone.pretrained = False
+    model = instantiate(cfg.model).eval()
+    maps = model.neck(model.backbone(torch.zeros(1, 3, 256, 384)))
+    assert [tuple(m.shape) for m in maps] == [(1, 256, 256 // s, 384 // s) for s in (4, 8, 16, 32, 64)]
+    assert model.transformer.num_decoder_only_levels == 1
+    assert model.transformer.encoder.layers[0].self_attn.num_levels == 4
+    assert model.transformer.decoder.layers[0].cross_attn.num_levels == 5
+    assert (model.num_queries, model.select_box_nums_for_evaluation, model.test_topk_candidates) == (300, 100, 300)
+    assert model.criterion.class_loss == "varifocal" and model.test_nms_thresh == 0.7
+    with torch.no_grad():
+        out = model([{"image": torch.zeros(3, 256, 384, dtype=torch.uint8), "height": 256, "width": 384}])
+    assert 0 < len(out[0]["instances"]) <= 100
+
+
 def test_recipe_trains_on_all_eight_views():
     """Quarter turns with the two flips: the recipe's training data are the 8 symmetries of a tile."""
     from detectron2.config import LazyConfig, instantiate

@@ -132,3 +132,108 @@ def test_two_stage_torchscript_runs_on_fewer_tokens_than_queries(tmp_path):
         got, ref = traced(small), wrapper(small)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------- decoder-only levels
+_RES2_DECODER_ONLY = """
+model.backbone.out_features = ["res2", "res3", "res4", "res5"]
+model.neck.input_shapes["res2"] = L(ShapeSpec)(channels=24, stride=4)
+model.neck.in_features = ["res2", "res3", "res4", "res5"]
+model.neck.num_outs = 4
+model.transformer.num_feature_levels = 4
+model.transformer.num_decoder_only_levels = 1
+model.transformer.encoder.encoder_layer.num_levels = 3
+model.transformer.decoder.decoder_layer.num_levels = 4
+"""
+
+
+def _tiny_dino(tmp_path, extra=""):
+    tmp_path.mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    return instantiate(LazyConfig.load(write_tiny_config(tmp_path, "dino", extra=extra)).model).eval()
+
+
+def _three_level_weights(res2_model):
+    """``res2_model``'s weights for the plain 3-level model: the neck's projections one index
+    down (res2 is its first) and the decoder cross-attention's offsets and weights of levels 0-2
+    (the decoder-only level is the last in the decoder's memory)."""
+    state = {}
+    for key, value in res2_model.state_dict().items():
+        if key.startswith("neck.input_proj."):
+            idx, rest = key[len("neck.input_proj."):].split(".", 1)
+            if idx == "0":
+                continue
+            key = f"neck.input_proj.{int(idx) - 1}.{rest}"
+        elif ".cross_attn.sampling_offsets." in key or ".cross_attn.attention_weights." in key:
+            heads = res2_model.transformer.decoder.layers[0].cross_attn.num_heads
+            value = value.view(heads, 4, -1, *value.shape[1:])[:, :3].reshape(-1, *value.shape[1:])
+        state[key] = value
+    return state
+
+
+def test_decoder_only_level_is_read_by_the_decoder_alone(tmp_path):
+    """DINO with MobileNetV2's res2 as a decoder-only level (``num_decoder_only_levels=1``):
+    the encoder runs on strides 8/16/32 only; with the decoder's attention to res2 muted (its
+    logits at -1e9) the detections equal those of the plain 3-level model with the same weights;
+    unmuted, res2 changes the detections but not the encoder's proposals."""
+    plain = _tiny_dino(tmp_path / "plain")
+    model = _tiny_dino(tmp_path / "res2", _RES2_DECODER_ONLY)
+    assert model.transformer.level_embed.shape == (3, 64)  # no embedding for a level without positions
+    batch = [{"image": random_image(96, 128, 0)}, {"image": random_image(80, 112, 1)}]  # padded: masks matter
+    images, masks = model.preprocess_image(batch)
+    with torch.no_grad():  # the box head's last layer starts at zero: boxes would not depend on the decoder
+        for p in model.bbox_embed.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    with torch.no_grad():  # the decoder-only level gets a mask but no position embedding
+        srcs, level_masks, pos = model.multi_scale_features(images, masks)
+    assert pos[0] is None and all(p is not None for p in pos[1:]) and level_masks[0].shape == (2, 24, 32)
+    seen = {}
+    model.transformer.encoder.register_forward_hook(lambda m, args, out: seen.update(shapes=args[1].tolist()))
+    with torch.no_grad():
+        unmuted = model.forward_features(images, masks)
+        assert seen["shapes"] == [[12, 16], [6, 8], [3, 4]]  # 96x128 padded: strides 8, 16, 32
+        for layer in model.transformer.decoder.layers:
+            w = layer.cross_attn.attention_weights
+            rows = w.weight.view(layer.cross_attn.num_heads, 4, -1, w.weight.shape[1])
+            rows[:, 3] = 0.0
+            w.bias.view(layer.cross_attn.num_heads, 4, -1)[:, 3] = -1e9
+        plain.load_state_dict(_three_level_weights(model))
+        muted = model.forward_features(images, masks)
+        ref = plain.forward_features(images, masks)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(muted[key], ref[key], atol=1e-5, rtol=1e-5)
+        assert (unmuted[key] - muted[key]).abs().max() > 1e-3  # res2 is read
+    # the decoder's initial anchors are the encoder's selected proposals: res2 does not move them
+    torch.testing.assert_close(unmuted["anchors"][0], ref["anchors"][0], atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_only_levels_refuse_inconsistent_level_counts(tmp_path):
+    with pytest.raises(ValueError, match="num_decoder_only_levels must be in"):
+        _tiny_dino(tmp_path, "model.transformer.num_decoder_only_levels = 3\n")
+    # the encoder layers must attend to the encoded levels only (4 - 1 = 3)
+    with pytest.raises(ValueError, match="the encoder layers attend to 4 levels"):
+        _tiny_dino(tmp_path, _RES2_DECODER_ONLY + "model.transformer.encoder.encoder_layer.num_levels = 4\n")
+    with pytest.raises(ValueError, match="the decoder layers attend to 3 levels"):
+        _tiny_dino(tmp_path, _RES2_DECODER_ONLY + "model.transformer.decoder.decoder_layer.num_levels = 3\n")
+
+
+def test_decoder_only_level_exports_with_dynamic_sizes(tmp_path):
+    """TorchScript (trace) and torch.export of the decoder-only-level model, exported at 96x128,
+    give the eager model's (pre-NMS) detections at 112x144."""
+    from d2detr.export import ExportableDetector, export_torch_export, export_torchscript
+    from d2detr.export.api import check_native_op
+
+    model = _tiny_dino(tmp_path, _RES2_DECODER_ONLY)
+    try:
+        check_native_op(model)
+    except Exception as e:  # noqa: BLE001  (the op library is optional in a source checkout)
+        pytest.skip(str(e))
+    image, other = random_image(96, 128, 0), random_image(112, 144, 1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = export_torchscript(model, image, str(tmp_path / "m.ts"))
+        program = export_torch_export(model, image, str(tmp_path / "m.pt2"))
+        ref = ExportableDetector(model)(other)
+        for got in (traced(other), program.module()(other)):
+            for a, b in zip(got, ref):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

@@ -52,6 +52,7 @@ METHODS = {
     "retinanet": ("configs/neon_trees/retinanet_mobilenetv2_fpn.py", "Detectron2 RetinaNet (FPN)", "detectron2"),
     "dino_recipe": ("configs/neon_trees/dino_recipe.py", "d2detr DINO recipe (make demo)", "d2detr"),
     "dino_hybrid_recipe": ("configs/neon_trees/dino_hybrid_recipe.py", "d2detr DINO recipe + hybrid matching (H-DETR)", "d2detr"),
+    "dino_res2_recipe": ("configs/neon_trees/dino_res2_recipe.py", "d2detr DINO recipe + decoder-only res2 (stride 4)", "d2detr"),
     "dino": ("configs/neon_trees/dino_mobilenetv2.py", "d2detr DINO (convergence config)", "d2detr"),
     "deformable_demo": (
         "projects/deformable_detr/configs/deformable_detr_mobilenetv2_neon_trees.py",
@@ -246,7 +247,8 @@ def plot(results: Dict, path: str) -> str:
 
     styles = {"faster_rcnn": ("tab:blue", "s", "--"), "retinanet": ("tab:green", "^", "--"),
               "dino_recipe": ("tab:orange", "o", "-"), "dino_recipe_bf16": ("tab:red", "o", "-"),
-              "dino_hybrid_recipe": ("tab:red", "P", "-"), "dino": ("tab:orange", "D", "-"),
+              "dino_hybrid_recipe": ("tab:red", "P", "-"), "dino_res2_recipe": ("tab:purple", "X", "-"),
+              "dino": ("tab:orange", "D", "-"),
               "deformable_demo": ("tab:gray", "v", "-")}
     methods = results["methods"]
     # The legend goes under the plots (a dozen variants would cover the curves), two per row.

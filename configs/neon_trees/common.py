@@ -37,28 +37,37 @@ NUM_CLASSES = 1
 MOBILENET_CHANNELS = {"res3": (32, 8), "res4": (96, 16), "res5": (320, 32)}
 
 
-def size_multi_scale_model(model, embed_dim=D_MODEL, extra_levels=0):
+#: MobileNetV2's stride-4 stage, for a decoder-only level (``size_multi_scale_model(decoder_only_res2=True)``)
+MOBILENET_RES2 = {"res2": (24, 4)}
+
+
+def size_multi_scale_model(model, embed_dim=D_MODEL, extra_levels=0, decoder_only_res2=False):
     """Gives a multi-scale deformable model config (``configs/common/models/deformable_r50.py`` and
     the methods built on it) the comparison's shared size: the ImageNet MobileNetV2 res3-res5
     (3 levels, plus ``extra_levels`` stride-2 3x3 convs on res5 as DINO-4scale's stride-64 level),
     width ``embed_dim`` (``D_MODEL`` for the comparison), ``ENC_LAYERS`` + ``DEC_LAYERS`` layers of
     ``NUM_HEADS`` heads and FFN 4x the width, ``NUM_QUERIES`` queries, ``NUM_CLASSES`` class. Sizes
-    of method-specific parts (a decoder norm, a denoising embedding) are the method config's to set."""
+    of method-specific parts (a decoder norm, a denoising embedding) are the method config's to set.
+    ``decoder_only_res2``: also the stride-4 res2, as a level only the decoder reads
+    (``transformer.num_decoder_only_levels = 1``; the encoder keeps the others)."""
     from d2detr.modeling.backbone import MobileNetV2Backbone
 
-    num_levels = len(MOBILENET_CHANNELS) + extra_levels
-    model.backbone = L(MobileNetV2Backbone)(out_features=list(MOBILENET_CHANNELS), pretrained=True)
+    channels = {**(MOBILENET_RES2 if decoder_only_res2 else {}), **MOBILENET_CHANNELS}
+    num_levels = len(channels) + extra_levels
+    model.backbone = L(MobileNetV2Backbone)(out_features=list(channels), pretrained=True)
     model.neck.input_shapes = {
-        name: L(ShapeSpec)(channels=channels, stride=stride) for name, (channels, stride) in MOBILENET_CHANNELS.items()
+        name: L(ShapeSpec)(channels=c, stride=stride) for name, (c, stride) in channels.items()
     }
     # Set explicitly: the base config's list need not be the backbone's levels.
-    model.neck.in_features = list(MOBILENET_CHANNELS)
+    model.neck.in_features = list(channels)
     model.neck.out_channels = embed_dim
     model.neck.num_outs = num_levels
     model.embed_dim = embed_dim
     model.position_embedding.num_pos_feats = embed_dim // 2
     model.transformer.embed_dim = embed_dim
     model.transformer.num_feature_levels = num_levels
+    if decoder_only_res2:
+        model.transformer.num_decoder_only_levels = 1
     if "embed_dim" in model.transformer.decoder:
         model.transformer.decoder.embed_dim = embed_dim
     model.transformer.encoder.num_layers = ENC_LAYERS
@@ -68,6 +77,7 @@ def size_multi_scale_model(model, embed_dim=D_MODEL, extra_levels=0):
         layer.num_heads = NUM_HEADS
         layer.num_levels = num_levels
         layer.ffn_dim = 4 * embed_dim
+    model.transformer.encoder.encoder_layer.num_levels = num_levels - int(decoder_only_res2)
     model.num_classes = NUM_CLASSES
     model.num_queries = NUM_QUERIES
     model.select_box_nums_for_evaluation = NUM_QUERIES

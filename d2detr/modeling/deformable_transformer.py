@@ -402,7 +402,7 @@ def get_valid_ratio(mask: Tensor) -> Tensor:
 def flatten_multi_level(
     srcs: Sequence[Tensor],
     masks: Sequence[Tensor],
-    pos_embeds: Sequence[Tensor],
+    pos_embeds: Optional[Sequence[Tensor]],
     level_embed: Optional[Tensor] = None,
 ):
     """Flattens per-level ``[N, C, H, W]`` features, ``[N, H, W]`` masks and positions.
@@ -410,21 +410,23 @@ def flatten_multi_level(
     Returns ``(src_flatten [N,S,C], mask_flatten [N,S], lvl_pos_embed_flatten [N,S,C],
     spatial_shapes [L,2] int64, level_start_index [L] int64, valid_ratios [N,L,2],
     spatial_shapes_list)``; ``level_embed[l]`` is added to level ``l``'s position embedding.
+    ``pos_embeds`` None (levels without positions): ``lvl_pos_embed_flatten`` is None.
     """
     src_flatten, mask_flatten, lvl_pos_embed_flatten = [], [], []
     spatial_shapes_list: List[Tuple[int, int]] = []
-    for lvl, (src, mask, pos_embed) in enumerate(zip(srcs, masks, pos_embeds)):
+    for lvl, (src, mask) in enumerate(zip(srcs, masks)):
         h, w = src.shape[-2:]
         spatial_shapes_list.append((h, w))
         src_flatten.append(src.flatten(2).transpose(1, 2))
         mask_flatten.append(mask.flatten(1))
-        pos_embed = pos_embed.flatten(2).transpose(1, 2)
-        if level_embed is not None:
-            pos_embed = pos_embed + level_embed[lvl].view(1, 1, -1)
-        lvl_pos_embed_flatten.append(pos_embed)
+        if pos_embeds is not None:
+            pos_embed = pos_embeds[lvl].flatten(2).transpose(1, 2)
+            if level_embed is not None:
+                pos_embed = pos_embed + level_embed[lvl].view(1, 1, -1)
+            lvl_pos_embed_flatten.append(pos_embed)
     src_flatten = torch.cat(src_flatten, 1)
     mask_flatten = torch.cat(mask_flatten, 1)
-    lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)
+    lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1) if pos_embeds is not None else None
     # torch.full keeps the sizes dynamic under torch.jit.trace and torch.export (torch.as_tensor
     # would record them as constants / specialise them)
     spatial_shapes = torch.stack(
@@ -443,6 +445,18 @@ def flatten_multi_level(
         valid_ratios,
         spatial_shapes_list,
     )
+
+
+def append_decoder_only_levels(memory: Tensor, mask_flatten: Tensor, spatial_shapes: Tensor, valid_ratios: Tensor,
+                               srcs: Sequence[Tensor], masks: Sequence[Tensor]):
+    """The decoder's memory: the encoder's ``memory [N,S,C]`` followed by the flattened
+    ``srcs`` (levels the encoder skipped), with the padding mask, ``spatial_shapes``,
+    ``level_start_index`` and ``valid_ratios`` of all levels in that order."""
+    extra, extra_mask, _, extra_shapes, _, extra_ratios, _ = flatten_multi_level(srcs, masks, None)
+    spatial_shapes = torch.cat([spatial_shapes, extra_shapes])
+    level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+    return (torch.cat([memory, extra.to(memory.dtype)], 1), torch.cat([mask_flatten, extra_mask], 1),
+            spatial_shapes, level_start_index, torch.cat([valid_ratios, extra_ratios.to(valid_ratios.dtype)], 1))
 
 
 def gen_encoder_output_proposals(
@@ -532,6 +546,14 @@ class DeformableDetrTransformer(nn.Module):
             :meth:`proposal_heads` (set by the detector).
         two_stage_num_proposals: how many proposals become queries (300), fewer when an image
             has fewer tokens.
+        num_decoder_only_levels: the first (finest) input levels that only the decoder's
+            cross-attention reads, as values: they skip the encoder (no self-attention over their
+            many tokens, no proposals from them), so a stride-4 map for small objects costs a 1x1
+            projection and the decoder's value projection instead of 4x the encoder's tokens.
+            They need no level embedding (values carry no position) and sit after the encoded
+            levels in the decoder's memory, so the decoder layers have ``num_feature_levels``
+            levels and the encoder's ``num_feature_levels - num_decoder_only_levels``. 0: all
+            levels are encoded, as in every paper here.
 
     ``forward(srcs, masks, pos_embeds, query_embed=None, denoising_queries=None)`` returns
     ``(hs [L, N, Q', C], init_reference [N, Q', 2|4], inter_references [L, N, Q', 2|4],
@@ -556,16 +578,31 @@ class DeformableDetrTransformer(nn.Module):
         num_feature_levels: int = 4,
         two_stage: bool = False,
         two_stage_num_proposals: int = 300,
+        num_decoder_only_levels: int = 0,
     ):
         super().__init__()
+        if not 0 <= num_decoder_only_levels < num_feature_levels:
+            raise ValueError(f"num_decoder_only_levels must be in [0, num_feature_levels={num_feature_levels}), "
+                             f"got {num_decoder_only_levels}")
+        encoded_levels = num_feature_levels - num_decoder_only_levels
+        for stack, name, expected in ((encoder, "encoder", encoded_levels), (decoder, "decoder", num_feature_levels)):
+            for layer in getattr(stack, "layers", ()):
+                attn = getattr(layer, "self_attn" if name == "encoder" else "cross_attn", None)
+                levels = getattr(attn, "num_levels", expected)
+                if levels != expected:
+                    raise ValueError(
+                        f"the {name} layers attend to {levels} levels, but {num_feature_levels} feature levels with "
+                        f"num_decoder_only_levels={num_decoder_only_levels} give the {name} {expected}"
+                    )
         self.encoder = encoder
         self.decoder = decoder
         self.embed_dim = embed_dim
         self.num_feature_levels = num_feature_levels
+        self.num_decoder_only_levels = num_decoder_only_levels
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
 
-        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, embed_dim))
+        self.level_embed = nn.Parameter(torch.empty(encoded_levels, embed_dim))
         if two_stage:
             self.enc_output = nn.Linear(embed_dim, embed_dim)
             self.enc_output_norm = nn.LayerNorm(embed_dim)
@@ -677,8 +714,12 @@ class DeformableDetrTransformer(nn.Module):
                 ``reference_points [N, P, 4]`` (sigmoid) and ``attn_mask(num_matching) -> [P+Q, P+Q]``
                 (see :class:`~d2detr.modeling.denoising.DenoisingQueries`). Needs an anchor decoder.
         """
+        if len(srcs) != self.num_feature_levels:
+            raise ValueError(f"expected {self.num_feature_levels} feature levels, got {len(srcs)}")
+        n_dec = self.num_decoder_only_levels
         (src_flatten, mask_flatten, lvl_pos_embed_flatten, spatial_shapes, level_start_index,
-         valid_ratios, spatial_shapes_list) = flatten_multi_level(srcs, masks, pos_embeds, self.level_embed)
+         valid_ratios, spatial_shapes_list) = flatten_multi_level(srcs[n_dec:], masks[n_dec:], pos_embeds[n_dec:],
+                                                                  self.level_embed)
         memory = self.encode(src_flatten, spatial_shapes, level_start_index, valid_ratios,
                              lvl_pos_embed_flatten, mask_flatten, spatial_shapes_list)
         encoder_outputs = None
@@ -698,6 +739,10 @@ class DeformableDetrTransformer(nn.Module):
             reference_points = torch.cat([denoising_queries.reference_points.to(reference_points.dtype),
                                           reference_points], 1)
         self_attn_mask = self.matching_attn_mask(num_matching, num_denoising, self_attn_mask, memory.device)
+        if n_dec:
+            memory, mask_flatten, spatial_shapes, level_start_index, valid_ratios = append_decoder_only_levels(
+                memory, mask_flatten, spatial_shapes, valid_ratios, srcs[:n_dec], masks[:n_dec]
+            )
         hs, inter_references = self.decoder(
             tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios,
             query_pos=query_pos, memory_padding_mask=mask_flatten, self_attn_mask=self_attn_mask,

@@ -38,18 +38,21 @@ class DinoTransformer(DeformableDetrTransformer):
     """Args: as :class:`~d2detr.modeling.deformable_transformer.DeformableDetrTransformer`; always
     two-stage, and the decoder must derive its positional queries from the anchors
     (:class:`~d2detr.modeling.deformable_transformer.AnchorDeformableDecoder`).
-    ``num_one2many_queries``: H-DETR's one-to-many queries in training (0: none, DINO)."""
+    ``num_one2many_queries``: H-DETR's one-to-many queries in training (0: none, DINO).
+    ``num_decoder_only_levels``: see the base class (0: DINO)."""
 
     queries_from_proposal_embedding = False
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, embed_dim: int = 256, num_feature_levels: int = 4,
-                 two_stage: bool = True, two_stage_num_proposals: int = 900, num_one2many_queries: int = 0):
+                 two_stage: bool = True, two_stage_num_proposals: int = 900, num_one2many_queries: int = 0,
+                 num_decoder_only_levels: int = 0):
         if not two_stage:
             raise ValueError("DINO's query selection is two-stage (two_stage=True)")
         if not getattr(decoder, "derives_query_pos", False):
             raise TypeError("DinoTransformer needs a decoder that derives positions from anchors "
                             f"(AnchorDeformableDecoder), got {type(decoder).__name__}")
-        super().__init__(encoder, decoder, embed_dim, num_feature_levels, True, two_stage_num_proposals)
+        super().__init__(encoder, decoder, embed_dim, num_feature_levels, True, two_stage_num_proposals,
+                         num_decoder_only_levels)
         self.tgt_embed = nn.Embedding(two_stage_num_proposals, embed_dim)
         # the official transformer creates it before its Xavier pass over every matrix
         nn.init.xavier_uniform_(self.tgt_embed.weight)

@@ -198,14 +198,17 @@ class DeformableDETR(DETRBase):
     # --------------------------------------------------------------- features
     def multi_scale_features(
         self, images: Union[ImageList, Tensor], masks: Tensor
-    ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
-        """Backbone -> neck -> ``(srcs, level_masks, pos_embeds)``, one of each per level."""
+    ) -> Tuple[List[Tensor], List[Tensor], List[Optional[Tensor]]]:
+        """Backbone -> neck -> ``(srcs, level_masks, pos_embeds)``, one of each per level; the
+        transformer's decoder-only levels get no position embedding (None: their tokens are only
+        values, and at stride 4 the embedding would be the dearest part of the level)."""
         x = images.tensor if isinstance(images, ImageList) else images
         srcs = self.neck(self.backbone(x))
+        decoder_only = getattr(self.transformer, "num_decoder_only_levels", 0)
         level_masks: List[Tensor] = []
-        pos_embeds: List[Tensor] = []
-        for src in srcs:
-            mask, pos = self.mask_and_position(src, masks)
+        pos_embeds: List[Optional[Tensor]] = []
+        for lvl, src in enumerate(srcs):
+            mask, pos = self.mask_and_position(src, masks, with_position=lvl >= decoder_only)
             level_masks.append(mask)
             pos_embeds.append(pos)
         return srcs, level_masks, pos_embeds

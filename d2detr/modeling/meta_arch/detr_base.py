@@ -182,10 +182,14 @@ class DETRBase(nn.Module):
         self.input_proj = nn.Conv2d(shapes[in_feature].channels, d_model, kernel_size=1)
         return d_model
 
-    def mask_and_position(self, feature: Tensor, masks: Tensor) -> Tuple[Tensor, Tensor]:
+    def mask_and_position(self, feature: Tensor, masks: Tensor,
+                          with_position: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         """``masks [B,H,W]`` (True on padding) resized to ``feature [B,C,h,w]`` and
-        ``self.position_embedding`` of it in the feature's dtype: ``(mask [B,h,w], pos [B,d,h,w])``."""
+        ``self.position_embedding`` of it in the feature's dtype: ``(mask [B,h,w], pos [B,d,h,w])``
+        (``pos`` None without ``with_position``)."""
         mask = F.interpolate(masks[None].float(), size=feature.shape[-2:]).to(torch.bool)[0]
+        if not with_position:
+            return mask, None
         return mask, self.position_embedding(mask).to(feature.dtype)
 
     def single_scale_features(self, images: Union[ImageList, Tensor], masks: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
