@@ -219,3 +219,31 @@ def test_exported_outputs_plus_nms_match_eager_inference_with_test_nms_thresh(tm
     torch.testing.assert_close(boxes[keep], inst.pred_boxes.tensor, atol=1e-4, rtol=0)
     torch.testing.assert_close(scores[keep], inst.scores, atol=1e-4, rtol=0)
     assert torch.equal(classes[keep], inst.pred_classes)
+
+
+@needs_op
+def test_exported_candidates_plus_nms_match_eager_inference_with_test_topk_candidates(tmp_path):
+    """``test_topk_candidates``: eager NMS runs over the top 20 and keeps the best 10. The README's
+    recipe for export: the same weights exported with ``select_box_nums_for_evaluation`` = 20,
+    ``batched_nms`` on the graph's outputs, the first 10 kept, gives the eager boxes."""
+    from torchvision.ops import batched_nms
+
+    from d2detr.export import export_torchscript
+
+    config = write_tiny_config(tmp_path, "deformable_detr",
+                               extra="model.test_nms_thresh = 0.5\nmodel.test_topk_candidates = 20\n")
+    model, _ = build_tiny(config)
+    candidates = build_tiny(write_tiny_config(tmp_path, "deformable_detr",
+                                              extra="model.select_box_nums_for_evaluation = 20\n"))[0]
+    candidates.load_state_dict(model.state_dict())
+    traced = export_torchscript(candidates, random_image(96, 128, seed=1), str(tmp_path / "m.ts"))
+    image = random_image(112, 144, seed=2)
+    with torch.no_grad():
+        boxes, scores, classes = traced(image)
+        inst = model([{"image": image}])[0]["instances"]
+    keep = batched_nms(boxes, scores, classes, 0.5)
+    assert boxes.shape[0] == 20 and len(keep) > 10  # NMS leaves more than K: the cap is what is tested
+    keep = keep[:10]
+    keep = keep[Boxes(boxes[keep]).nonempty()]
+    torch.testing.assert_close(boxes[keep], inst.pred_boxes.tensor, atol=1e-4, rtol=0)
+    torch.testing.assert_close(scores[keep], inst.scores, atol=1e-4, rtol=0)
