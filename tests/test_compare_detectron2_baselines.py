@@ -57,7 +57,8 @@ def _results():
         "methods": {
             "faster_rcnn": {"label": "FRCNN", "final": {"AP": 5.04, "AP50": 17.0, "AP75": 1.0, "APs": 1, "APm": 6},
                             "iterations": 160, "train_s_per_iter": 3.75, "parameters": 18758101, "budget_s": 600.0,
-                            "clock": "process", "num_threads": 1, "started_utc": "x", "loadavg_before": [4.0, 1, 1]},
+                            "clock": "process", "num_threads": 1, "started_utc": "x", "loadavg_before": [4.0, 1, 1],
+                            "kind": "detectron2"},
         },
     }
 
@@ -69,7 +70,7 @@ def test_table_and_demo_printout(tmp_path):
     path.write_text(json.dumps(_results()))
     text = neon_trees_demo.format_baselines(str(path))
     assert "2026-12-02 09:55 UTC" in text and "--budget-min 10" in text
-    assert "| FRCNN | 5.0 | 17.0 | 1.0 | 160 | 10 min, process clock, 1 thread(s) |" in text
+    assert "| FRCNN | ? | 5.0 | 17.0 | 1.0 | 160 | 10 min, process clock, 1 thread(s) |" in text
     assert "no baseline comparison" in neon_trees_demo.format_baselines(str(tmp_path / "missing.json"))
     # Detectron2's rows come first however the JSON was filled (variants are appended as they run)
     results = _results()
@@ -80,6 +81,34 @@ def test_table_and_demo_printout(tmp_path):
     path.write_text(json.dumps(results))
     rows = [line.split(" | ")[0][2:] for line in neon_trees_demo.format_baselines(str(path)).splitlines()[3:6]]
     assert rows == ["FRCNN 43", "DINO", "DINO 43"]
+
+
+def test_demo_printout_shows_the_baselines_and_the_recipes_seeds_with_their_means(tmp_path):
+    """``make demo``'s printout: Detectron2's runs grouped by model, then the demo recipe's seed runs
+    (``dino_recipe``, ``dino_recipe@seedN``), the mean AP of each model over its seeds, a count of
+    the rows left out (recipe variants, other d2detr models), and re-evaluated rows marked."""
+    base = _results()["methods"]["faster_rcnn"]
+
+    def run(label, ap, seed, kind, **extra):
+        return dict(base, label=label, final=dict(base["final"], AP=ap), seed=seed, kind=kind, **extra)
+
+    results = _results()
+    results["methods"] = {
+        "faster_rcnn": run("FRCNN", 20.0, 42, "detectron2"),
+        "retinanet": run("Retina", 1.0, 42, "detectron2"),
+        "dino_recipe": run("DINO", 18.0, 42, "d2detr", reevaluated={"final_as_trained": {"AP": 17.0}}),
+        "faster_rcnn@seed43": run("FRCNN 43", 19.0, 43, "detectron2"),
+        "dino_recipe@seed43": run("DINO 43", 21.0, 43, "d2detr"),
+        "dino_recipe@w128": run("DINO narrow", 5.0, 42, "d2detr"),
+        "dino_hybrid_recipe": run("Hybrid", 6.0, 42, "d2detr"),
+    }
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(results))
+    lines = neon_trees_demo.format_baselines(str(path)).splitlines()
+    rows = [line.split(" | ")[0][2:] for line in lines if line.startswith("| ") and not line.startswith("| model")]
+    assert rows == ["FRCNN", "FRCNN 43", "Retina", "DINO (re-evaluated)", "DINO 43"]
+    assert "mean AP over seeds: FRCNN: 19.5 (2 seeds); DINO: 19.5 (2 seeds)" in lines
+    assert any(line.startswith("(2 more rows") for line in lines)
 
 
 def test_tagged_variants_sit_beside_their_method(tmp_path):

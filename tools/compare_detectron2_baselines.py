@@ -225,17 +225,28 @@ def format_table(results: Dict) -> str:
         "| model | AP | AP50 | AP75 | APs | APm | iterations | train s / iter | parameters | budget (clock, threads) | started, load |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
+    reevaluated = False
     for m in _ordered(results["methods"]):
         r = results["methods"][m]
         f = r["final"]
         load = r.get("loadavg_before")
         load_s = f"{load[0]:.1f}" if load else "?"
+        reevaluated |= "reevaluated" in r
         lines.append(
-            f"| {r['label']} | " + " | ".join(f"{f.get(k, float('nan')):.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm"))
+            f"| {display_label(r)} | " + " | ".join(f"{f.get(k, float('nan')):.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm"))
             + f" | {r['iterations']} | {r['train_s_per_iter']:.2f} | {r['parameters'] / 1e6:.1f} M"
             + f" | {r['budget_s'] / 60:.0f} min ({r['clock']}, {r['num_threads']}) | {r['started_utc']}, {load_s} |"
         )
+    if reevaluated:
+        lines.append("\n(re-evaluated): the run's checkpoint evaluated later with the config's current inference "
+                     "settings; the JSON entry's `reevaluated` gives the date, the command and what the run measured.")
     return "\n".join(lines)
+
+
+def display_label(entry: Dict) -> str:
+    """An entry's label, marked when its final metrics come from a later eval-only run
+    (``entry["reevaluated"]``: the config's inference changed after the training run)."""
+    return entry["label"] + (" (re-evaluated)" if "reevaluated" in entry else "")
 
 
 def plot(results: Dict, path: str) -> str:

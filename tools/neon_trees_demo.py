@@ -90,33 +90,60 @@ def train_and_evaluate(config_file: str, output_dir: str, opts: List[str], resum
     return cfg, trainer, {"bbox": bbox} if bbox else {}
 
 
-def format_baselines(path: str) -> str:
-    """The last baseline comparison (``tools/compare_detectron2_baselines.py``'s JSON) as a
-    markdown table with its date, command and budget; a line saying so if there is none."""
+#: the demo's recipe in the comparison tool's JSON (``tools/compare_detectron2_baselines.py``)
+DEMO_METHOD = "dino_recipe"
+
+
+def _is_seed_run(key: str, method: str) -> bool:
+    """``method`` itself or one of its ``--tag seedN`` runs (the JSON keys the config as it is
+    shipped so; other tags are variants, see docs/detectron2_baselines.md)."""
+    base, _, tag = key.partition("@")
+    return base == method and (not tag or (tag.startswith("seed") and tag[4:].isdigit()))
+
+
+def format_baselines(path: str, method: str = DEMO_METHOD) -> str:
+    """The last baseline comparison (``tools/compare_detectron2_baselines.py``'s JSON) as a short
+    markdown table with its date, commands and budget: Detectron2's models, then ``method`` as
+    shipped (its seed runs), with the mean AP of each model over its seeds; the variants' count
+    and where to read them. A line saying so if there is no JSON."""
     if not os.path.isfile(path):
         return f"(no baseline comparison at {path})"
     with open(path) as f:
         results = json.load(f)
-    lines = ["| model | AP | AP50 | AP75 | iterations | budget |", "|---|---:|---:|---:|---:|---|"]
     methods = results.get("methods", {})
-    # Detectron2's rows first, then d2detr's, each in the order they were run
-    for name in sorted(methods, key=lambda n: methods[n].get("kind") != "detectron2"):
+    detectron2 = [k for k in methods if methods[k].get("kind") == "detectron2"]
+    bases = list(OrderedDict.fromkeys(k.partition("@")[0] for k in detectron2))
+    shown = sorted(detectron2, key=lambda k: bases.index(k.partition("@")[0]))  # each model's runs together
+    shown += [k for k in methods if methods[k].get("kind") != "detectron2" and _is_seed_run(k, method)]
+    lines = ["| model | seed | AP | AP50 | AP75 | iterations | budget |", "|---|---:|---:|---:|---:|---:|---|"]
+    seeds_ap: Dict[str, List[float]] = OrderedDict()
+    for name in shown:
         r = methods[name]
         f_ = r.get("final", {})
         lines.append(
-            f"| {r.get('label', name)} | {f_.get('AP', float('nan')):.1f} | {f_.get('AP50', float('nan')):.1f} "
-            f"| {f_.get('AP75', float('nan')):.1f} | {r.get('iterations', '?')} "
+            f"| {r.get('label', name)}{' (re-evaluated)' if 'reevaluated' in r else ''} | {r.get('seed', '?')} | {f_.get('AP', float('nan')):.1f} "
+            f"| {f_.get('AP50', float('nan')):.1f} | {f_.get('AP75', float('nan')):.1f} | {r.get('iterations', '?')} "
             f"| {r.get('budget_s', 0) / 60:.0f} min, {r.get('clock', '?')} clock, {r.get('num_threads', '?')} thread(s) |"
         )
+        base = name.partition("@")[0]
+        if _is_seed_run(name, base) and "AP" in f_:
+            seeds_ap.setdefault(base, []).append(f_["AP"])
+    means = [f"{methods[b].get('label', b) if b in methods else b}: {sum(v) / len(v):.1f} ({len(v)} seeds)"
+             for b, v in seeds_ap.items() if len(v) > 1]
     head = f"Last comparison ({results.get('date_utc', '?')}): `{results.get('command', '?')}`"
-    # the models may come from several runs of the tool (e.g. a variant added later): each run's command
+    # the models may come from several runs of the tool (e.g. a seed added later): each run's command
     first_start: Dict[str, str] = {}
-    for r in results.get("methods", {}).values():
+    for name in shown:
+        r = methods[name]
         cmd = r.get("command")
         if cmd and cmd != results.get("command"):
             first_start[cmd] = min(first_start.get(cmd, "~"), r.get("started_utc", "?"))
     runs = [f"also from: `{cmd}` (started {started})" for cmd, started in sorted(first_start.items(), key=lambda x: x[1])]
-    return "\n".join([head, *lines, *runs])
+    tail = [f"mean AP over seeds: {'; '.join(means)}"] if means else []
+    others = len(methods) - len(shown)
+    if others:
+        tail.append(f"({others} more rows -- recipe variants and other models -- in the JSON and docs/detectron2_baselines.md)")
+    return "\n".join([head, *lines, *tail, *runs])
 
 
 def format_ap_table(results: Dict) -> str:
