@@ -133,6 +133,15 @@ def test_tagged_variants_sit_beside_their_method(tmp_path):
             cmp.parse_args(["--tag", bad])
 
 
+def test_seed_runs_are_the_config_as_it_stands():
+    """The printout and the figure keep a method's untagged and ``seedN`` runs; other tags are variants."""
+    from d2detr.utils import is_seed_run
+
+    assert is_seed_run("dino_recipe") and is_seed_run("dino_recipe@seed43")
+    assert is_seed_run("dino_recipe@seed45", "dino_recipe") and not is_seed_run("dino_recipe@seed45", "faster_rcnn")
+    assert not any(is_seed_run(k) for k in ("dino_recipe@w128", "dino_recipe@seedless", "dino_recipe@seed", "x@lr0.1"))
+
+
 def test_demo_printout_names_each_run_once(tmp_path):
     """Models added by several runs of the tool: the last run's command heads the table, every
     other command is listed once, with its first model's start."""

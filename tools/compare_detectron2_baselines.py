@@ -44,7 +44,7 @@ from typing import Dict, List, Optional
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
-from d2detr.utils import command_line, load_results, save_results  # noqa: E402  (re-exported for the tests)
+from d2detr.utils import command_line, is_seed_run, load_results, save_results  # noqa: E402  (re-exported for the tests)
 
 #: name -> (config file, label, kind). kind "detectron2" = a Detectron2 model, "d2detr" = ours.
 METHODS = {
@@ -250,7 +250,9 @@ def display_label(entry: Dict) -> str:
 
 
 def plot(results: Dict, path: str) -> str:
-    """AP (left) and AP50 (right) on neon_trees_val against training minutes, one line per model."""
+    """AP (left) and AP50 (right) on neon_trees_val against training minutes: each model's runs of
+    its config as it stands (no tag or a ``seedN`` tag) in one colour, labelled once with their
+    count; tagged variants (other settings, earlier versions of a config) are left to the table."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,26 +261,35 @@ def plot(results: Dict, path: str) -> str:
     styles = {"faster_rcnn": ("tab:blue", "s", "--"), "retinanet": ("tab:green", "^", "--"),
               "dino_recipe": ("tab:orange", "o", "-"), "dino_recipe_bf16": ("tab:red", "o", "-"),
               "dino_hybrid_recipe": ("tab:red", "P", "-"), "dino_res2_recipe": ("tab:purple", "X", "-"),
-              "dino": ("tab:orange", "D", "-"),
-              "deformable_demo": ("tab:gray", "v", "-")}
+              "dino": ("tab:brown", "D", "-"), "deformable_demo": ("tab:gray", "v", "-")}
     methods = results["methods"]
-    # The legend goes under the plots (a dozen variants would cover the curves), two per row.
-    legend_in = 0.25 * ((len(methods) + 1) // 2) + 0.2
+    shown = [m for m in _ordered(methods) if is_seed_run(m)]
+    runs_of: Dict[str, List[str]] = {}
+    for m in shown:
+        runs_of.setdefault(base_method(m), []).append(m)
+    # The legend goes under the plots, two entries per row.
+    legend_in = 0.25 * ((len(runs_of) + 1) // 2) + 0.45
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6 + legend_in))
     for key, ax in zip(("AP", "AP50"), axes):
-        for m in _ordered(methods):
-            r = methods[m]
-            color, marker, ls = styles.get(base_method(m), (None, "o", "-"))
-            if m != base_method(m):  # a tagged variant: its method's marker, its own colour, dotted
-                color, ls = None, ":"
-            ys = [v if v is not None else float("nan") for v in r["curve"][key]]
-            ax.plot(r["curve"]["train_min"], ys, marker=marker, ls=ls, color=color, label=r["label"], lw=1.8, ms=5)
+        for base, keys in runs_of.items():
+            color, marker, ls = styles.get(base, (None, "o", "-"))
+            for i, m in enumerate(keys):
+                r = methods[m]
+                label = (r["label"] + (f" ({len(keys)} seeds)" if len(keys) > 1 else "")) if i == 0 else "_nolegend_"
+                ys = [v if v is not None else float("nan") for v in r["curve"][key]]
+                line = ax.plot(r["curve"]["train_min"], ys, marker=marker, ls=ls, color=color, label=label,
+                               lw=1.5, ms=4, alpha=0.85)
+                color = line[0].get_color()  # one colour for all seeds of a model
         ax.set_xlabel("training time (min; clock: " + ", ".join(sorted({r["clock"] for r in methods.values()})) + ")")
         ax.set_ylabel(f"{key} on neon_trees_val")
         ax.set_ylim(bottom=0)
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=9, frameon=False)
+    hidden = len(methods) - len(shown)
+    if hidden:
+        fig.text(0.5, 0.005, f"{hidden} tagged variants (other settings, earlier versions of a config): "
+                 "see the table", ha="center", fontsize=8, color="0.4")
     any_r = next(iter(methods.values()), {})
     fig.suptitle(
         f"NEON tree crowns: Detectron2 baselines vs d2detr at equal training time "

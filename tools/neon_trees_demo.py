@@ -94,18 +94,13 @@ def train_and_evaluate(config_file: str, output_dir: str, opts: List[str], resum
 DEMO_METHOD = "dino_recipe"
 
 
-def _is_seed_run(key: str, method: str) -> bool:
-    """``method`` itself or one of its ``--tag seedN`` runs (the JSON keys the config as it is
-    shipped so; other tags are variants, see docs/detectron2_baselines.md)."""
-    base, _, tag = key.partition("@")
-    return base == method and (not tag or (tag.startswith("seed") and tag[4:].isdigit()))
-
-
 def format_baselines(path: str, method: str = DEMO_METHOD) -> str:
     """The last baseline comparison (``tools/compare_detectron2_baselines.py``'s JSON) as a short
     markdown table with its date, commands and budget: Detectron2's models, then ``method`` as
     shipped (its seed runs), with the mean AP of each model over its seeds; the variants' count
     and where to read them. A line saying so if there is no JSON."""
+    from d2detr.utils import is_seed_run
+
     if not os.path.isfile(path):
         return f"(no baseline comparison at {path})"
     with open(path) as f:
@@ -114,7 +109,7 @@ def format_baselines(path: str, method: str = DEMO_METHOD) -> str:
     detectron2 = [k for k in methods if methods[k].get("kind") == "detectron2"]
     bases = list(OrderedDict.fromkeys(k.partition("@")[0] for k in detectron2))
     shown = sorted(detectron2, key=lambda k: bases.index(k.partition("@")[0]))  # each model's runs together
-    shown += [k for k in methods if methods[k].get("kind") != "detectron2" and _is_seed_run(k, method)]
+    shown += [k for k in methods if methods[k].get("kind") != "detectron2" and is_seed_run(k, method)]
     lines = ["| model | seed | AP | AP50 | AP75 | iterations | budget |", "|---|---:|---:|---:|---:|---:|---|"]
     seeds_ap: Dict[str, List[float]] = OrderedDict()
     for name in shown:
@@ -126,7 +121,7 @@ def format_baselines(path: str, method: str = DEMO_METHOD) -> str:
             f"| {r.get('budget_s', 0) / 60:.0f} min, {r.get('clock', '?')} clock, {r.get('num_threads', '?')} thread(s) |"
         )
         base = name.partition("@")[0]
-        if _is_seed_run(name, base) and "AP" in f_:
+        if is_seed_run(name) and "AP" in f_:
             seeds_ap.setdefault(base, []).append(f_["AP"])
     means = [f"{methods[b].get('label', b) if b in methods else b}: {sum(v) / len(v):.1f} ({len(v)} seeds)"
              for b, v in seeds_ap.items() if len(v) > 1]

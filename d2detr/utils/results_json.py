@@ -5,7 +5,16 @@ import json
 import os
 from typing import Dict, Optional
 
-__all__ = ["command_line", "load_results", "save_results"]
+__all__ = ["command_line", "is_seed_run", "load_results", "save_results"]
+
+
+def is_seed_run(key: str, method: Optional[str] = None) -> bool:
+    """Whether the results key ``method@tag`` (``tools/compare_detectron2_baselines.py --tag``) is a
+    run of the config as it stands: no tag, or a ``seedN`` tag; other tags are variants (a
+    changed setting, or a run of an earlier version of the config). With ``method``: also that
+    the key is that method's."""
+    base, _, tag = key.partition("@")
+    return (method is None or base == method) and (not tag or (tag.startswith("seed") and tag[4:].isdigit()))
 
 
 def load_results(path: str) -> Dict:
