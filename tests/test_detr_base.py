@@ -181,3 +181,45 @@ def test_topk_candidates_go_through_nms_before_the_cap():
     for bad in (1, "None", True):
         with pytest.raises(ValueError, match="test_topk_candidates"):
             FakeDETR(use_focal=True, k=2, test_topk_candidates=bad)
+
+
+@pytest.mark.parametrize("method", ["detr", "conditional_detr", "dab_detr", "sd_detr"])
+def test_single_scale_detrs_take_the_inference_nms_settings(tmp_path, method):
+    """``model.test_nms_thresh`` / ``test_topk_candidates`` reach DETRBase from every single-scale
+    meta-architecture's config: with NMS at 0.5 no two same-class detections overlap above it,
+    where the same weights without NMS give such a pair (a duplicate planted in the outputs)."""
+    from detectron2.config import LazyConfig, instantiate
+    from torchvision.ops import box_iou
+
+    from tiny_configs import random_image, write_tiny_config
+
+    def build(extra=""):
+        cfg = LazyConfig.load(write_tiny_config(tmp_path, method, extra=extra))
+        torch.manual_seed(0)
+        model = instantiate(cfg.model).eval()
+        features = model.forward_features
+
+        def with_a_duplicate(*args, **kwargs):  # query 1 := query 0, both the top class-0 scores
+            out = features(*args, **kwargs)
+            out["pred_logits"][:, 0, 0] += 20.0
+            out["pred_logits"][:, 1] = out["pred_logits"][:, 0]
+            out["pred_boxes"][:, 1] = out["pred_boxes"][:, 0]
+            return out
+
+        model.forward_features = with_a_duplicate
+        return model
+
+    def max_same_class_iou(inst):
+        iou = box_iou(inst.pred_boxes.tensor, inst.pred_boxes.tensor)
+        same = inst.pred_classes[:, None] == inst.pred_classes[None, :]
+        return (iou * same).fill_diagonal_(0).max().item()
+
+    plain = build()
+    nms = build("model.test_nms_thresh = 0.5\nmodel.test_topk_candidates = 12\n")
+    nms.load_state_dict(plain.state_dict())
+    assert (nms.test_nms_thresh, nms.test_topk_candidates) == (0.5, 12)
+    with torch.no_grad():
+        batch = [{"image": random_image(96, 128, 0)}]
+        before, after = plain(batch)[0]["instances"], nms(batch)[0]["instances"]
+    assert max_same_class_iou(before) > 0.5
+    assert max_same_class_iou(after) <= 0.5 + 1e-6 and 0 < len(after) <= 10

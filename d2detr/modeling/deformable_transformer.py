@@ -399,6 +399,11 @@ def get_valid_ratio(mask: Tensor) -> Tensor:
     return torch.stack([valid_W.float() / W, valid_H.float() / H], -1)
 
 
+def level_start_indices(spatial_shapes: Tensor) -> Tensor:
+    """``spatial_shapes [L, 2]`` -> where each level starts in the flattened tokens, ``[L]``."""
+    return torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+
+
 def flatten_multi_level(
     srcs: Sequence[Tensor],
     masks: Sequence[Tensor],
@@ -432,7 +437,7 @@ def flatten_multi_level(
     spatial_shapes = torch.stack(
         [torch.stack([torch.full((), s, dtype=torch.long, device=src_flatten.device) for s in hw]) for hw in spatial_shapes_list]
     )
-    level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+    level_start_index = level_start_indices(spatial_shapes)
     # geometry stays at least float32 under bf16/fp16 autocast (a bf16 cell centre is up to a
     # whole cell off on a 167-cell level)
     valid_ratios = torch.stack([get_valid_ratio(m) for m in masks], 1).to(geometry_dtype(src_flatten.dtype))
@@ -454,7 +459,7 @@ def append_decoder_only_levels(memory: Tensor, mask_flatten: Tensor, spatial_sha
     ``level_start_index`` and ``valid_ratios`` of all levels in that order."""
     extra, extra_mask, _, extra_shapes, _, extra_ratios, _ = flatten_multi_level(srcs, masks, None)
     spatial_shapes = torch.cat([spatial_shapes, extra_shapes])
-    level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+    level_start_index = level_start_indices(spatial_shapes)
     return (torch.cat([memory, extra.to(memory.dtype)], 1), torch.cat([mask_flatten, extra_mask], 1),
             spatial_shapes, level_start_index, torch.cat([valid_ratios, extra_ratios.to(valid_ratios.dtype)], 1))
 

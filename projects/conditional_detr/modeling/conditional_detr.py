@@ -12,7 +12,7 @@ embeddings. Each query predicts a 2-D reference point ``s``; every decoder layer
 Parameter names follow the official implementation (``input_proj``, ``query_embed``,
 ``class_embed``, ``bbox_embed``, ``transformer.*``).
 """
-from typing import Dict, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 from detectron2.structures import ImageList
@@ -59,6 +59,8 @@ class ConditionalDETR(DETRBase):
         select_box_nums_for_evaluation: int = 100,
         size_divisibility: int = 0,
         input_format: str = "RGB",
+        test_nms_thresh: Optional[float] = None,
+        test_topk_candidates: Optional[int] = None,
     ):
         super().__init__(
             backbone=backbone,
@@ -70,6 +72,8 @@ class ConditionalDETR(DETRBase):
             use_focal=True,
             size_divisibility=size_divisibility,
             input_format=input_format,
+            test_nms_thresh=test_nms_thresh,
+            test_topk_candidates=test_topk_candidates,
         )
         d_model = self.init_single_scale(
             position_embedding=position_embedding,

@@ -10,7 +10,7 @@ head. Detectron2 I/O, losses and inference live in :class:`~d2detr.modeling.meta
 Parameter names follow the official implementation (``input_proj``, ``refpoint_embed``,
 ``class_embed``, ``bbox_embed`` -- also registered as ``transformer.decoder.bbox_embed``).
 """
-from typing import Dict, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 from detectron2.structures import ImageList
@@ -63,6 +63,8 @@ class DABDETR(DETRBase):
         select_box_nums_for_evaluation: int = 100,
         size_divisibility: int = 0,
         input_format: str = "RGB",
+        test_nms_thresh: Optional[float] = None,
+        test_topk_candidates: Optional[int] = None,
     ):
         super().__init__(
             backbone=backbone,
@@ -74,6 +76,8 @@ class DABDETR(DETRBase):
             use_focal=True,
             size_divisibility=size_divisibility,
             input_format=input_format,
+            test_nms_thresh=test_nms_thresh,
+            test_topk_candidates=test_topk_candidates,
         )
         d_model = self.init_single_scale(
             position_embedding=position_embedding,

@@ -10,7 +10,7 @@ the auxiliary losses. Detectron2 I/O, losses and inference live in
 Parameter names follow the official implementation (``input_proj``,
 ``query_embed``, ``class_embed``, ``bbox_embed``, ``transformer.*``).
 """
-from typing import Dict, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 from detectron2.structures import ImageList
 from torch import Tensor, nn
@@ -52,6 +52,8 @@ class DETR(DETRBase):
         select_box_nums_for_evaluation: int = 100,
         size_divisibility: int = 0,
         input_format: str = "RGB",
+        test_nms_thresh: Optional[float] = None,
+        test_topk_candidates: Optional[int] = None,
     ):
         super().__init__(
             backbone=backbone,
@@ -63,6 +65,8 @@ class DETR(DETRBase):
             use_focal=False,
             size_divisibility=size_divisibility,
             input_format=input_format,
+            test_nms_thresh=test_nms_thresh,
+            test_topk_candidates=test_topk_candidates,
         )
         d_model = self.init_single_scale(
             position_embedding=position_embedding,

@@ -11,7 +11,7 @@ the box head the localisation branch; every layer's box is
 Conditional DETR's. Losses: :class:`~.criterion.SDDETRCriterion` (focal, or the task-alignment
 loss). Detectron2 I/O and inference live in :class:`~d2detr.modeling.meta_arch.DETRBase`.
 """
-from typing import Dict, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 from detectron2.structures import ImageList
 from torch import Tensor, nn
@@ -59,6 +59,8 @@ class SDDETR(DETRBase):
         select_box_nums_for_evaluation: int = 100,
         size_divisibility: int = 0,
         input_format: str = "RGB",
+        test_nms_thresh: Optional[float] = None,
+        test_topk_candidates: Optional[int] = None,
     ):
         super().__init__(
             backbone=backbone,
@@ -70,6 +72,8 @@ class SDDETR(DETRBase):
             use_focal=True,
             size_divisibility=size_divisibility,
             input_format=input_format,
+            test_nms_thresh=test_nms_thresh,
+            test_topk_candidates=test_topk_candidates,
         )
         d_model = self.init_single_scale(
             position_embedding=position_embedding,
