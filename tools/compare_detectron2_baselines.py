@@ -44,7 +44,9 @@ from typing import Dict, List, Optional
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
-from d2detr.utils import command_line, is_seed_run, load_results, save_results  # noqa: E402  (re-exported for the tests)
+from d2detr.utils import (  # noqa: E402  (re-exported for the tests)
+    base_method, command_line, display_label, is_seed_run, load_results, save_results,
+)
 
 #: name -> (config file, label, kind). kind "detectron2" = a Detectron2 model, "d2detr" = ours.
 METHODS = {
@@ -145,10 +147,6 @@ def result_key(method: str, tag: str) -> str:
     return f"{method}@{tag}" if tag else method
 
 
-def base_method(key: str) -> str:
-    return key.split("@", 1)[0]
-
-
 def train_one(method: str, args) -> Dict:
     """Trains one model for the budget; returns its AP-vs-time curve, final metrics and costs."""
     import torch
@@ -241,12 +239,6 @@ def format_table(results: Dict) -> str:
         lines.append("\n(re-evaluated): the run's checkpoint evaluated later with the config's current inference "
                      "settings; the JSON entry's `reevaluated` gives the date, the command and what the run measured.")
     return "\n".join(lines)
-
-
-def display_label(entry: Dict) -> str:
-    """An entry's label, marked when its final metrics come from a later eval-only run
-    (``entry["reevaluated"]``: the config's inference changed after the training run)."""
-    return entry["label"] + (" (re-evaluated)" if "reevaluated" in entry else "")
 
 
 def plot(results: Dict, path: str) -> str:

@@ -99,7 +99,7 @@ def format_baselines(path: str, method: str = DEMO_METHOD) -> str:
     markdown table with its date, commands and budget: Detectron2's models, then ``method`` as
     shipped (its seed runs), with the mean AP of each model over its seeds; the variants' count
     and where to read them. A line saying so if there is no JSON."""
-    from d2detr.utils import is_seed_run
+    from d2detr.utils import base_method, display_label, is_seed_run
 
     if not os.path.isfile(path):
         return f"(no baseline comparison at {path})"
@@ -107,8 +107,8 @@ def format_baselines(path: str, method: str = DEMO_METHOD) -> str:
         results = json.load(f)
     methods = results.get("methods", {})
     detectron2 = [k for k in methods if methods[k].get("kind") == "detectron2"]
-    bases = list(OrderedDict.fromkeys(k.partition("@")[0] for k in detectron2))
-    shown = sorted(detectron2, key=lambda k: bases.index(k.partition("@")[0]))  # each model's runs together
+    bases = list(OrderedDict.fromkeys(base_method(k) for k in detectron2))
+    shown = sorted(detectron2, key=lambda k: bases.index(base_method(k)))  # each model's runs together
     shown += [k for k in methods if methods[k].get("kind") != "detectron2" and is_seed_run(k, method)]
     lines = ["| model | seed | AP | AP50 | AP75 | iterations | budget |", "|---|---:|---:|---:|---:|---:|---|"]
     seeds_ap: Dict[str, List[float]] = OrderedDict()
@@ -116,11 +116,11 @@ def format_baselines(path: str, method: str = DEMO_METHOD) -> str:
         r = methods[name]
         f_ = r.get("final", {})
         lines.append(
-            f"| {r.get('label', name)}{' (re-evaluated)' if 'reevaluated' in r else ''} | {r.get('seed', '?')} | {f_.get('AP', float('nan')):.1f} "
+            f"| {display_label(dict(r, label=r.get('label', name)))} | {r.get('seed', '?')} | {f_.get('AP', float('nan')):.1f} "
             f"| {f_.get('AP50', float('nan')):.1f} | {f_.get('AP75', float('nan')):.1f} | {r.get('iterations', '?')} "
             f"| {r.get('budget_s', 0) / 60:.0f} min, {r.get('clock', '?')} clock, {r.get('num_threads', '?')} thread(s) |"
         )
-        base = name.partition("@")[0]
+        base = base_method(name)
         if is_seed_run(name) and "AP" in f_:
             seeds_ap.setdefault(base, []).append(f_["AP"])
     means = [f"{methods[b].get('label', b) if b in methods else b}: {sum(v) / len(v):.1f} ({len(v)} seeds)"

@@ -5,7 +5,18 @@ import json
 import os
 from typing import Dict, Optional
 
-__all__ = ["command_line", "is_seed_run", "load_results", "save_results"]
+__all__ = ["base_method", "command_line", "display_label", "is_seed_run", "load_results", "save_results"]
+
+
+def base_method(key: str) -> str:
+    """The method of a results key ``method@tag`` (``tools/compare_detectron2_baselines.py --tag``)."""
+    return key.split("@", 1)[0]
+
+
+def display_label(entry: Dict) -> str:
+    """An entry's label, marked when its final metrics come from a later eval-only run
+    (``entry["reevaluated"]``: the config's inference changed after the training run)."""
+    return entry.get("label", "?") + (" (re-evaluated)" if "reevaluated" in entry else "")
 
 
 def is_seed_run(key: str, method: Optional[str] = None) -> bool:
@@ -13,8 +24,8 @@ def is_seed_run(key: str, method: Optional[str] = None) -> bool:
     run of the config as it stands: no tag, or a ``seedN`` tag; other tags are variants (a
     changed setting, or a run of an earlier version of the config). With ``method``: also that
     the key is that method's."""
-    base, _, tag = key.partition("@")
-    return (method is None or base == method) and (not tag or (tag.startswith("seed") and tag[4:].isdigit()))
+    tag = key.partition("@")[2]
+    return (method is None or base_method(key) == method) and (not tag or (tag.startswith("seed") and tag[4:].isdigit()))
 
 
 def load_results(path: str) -> Dict:
