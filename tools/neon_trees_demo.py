@@ -96,8 +96,8 @@ DEMO_METHOD = "dino_recipe"
 
 def format_baselines(path: str, method: str = DEMO_METHOD) -> str:
     """The last baseline comparison (``tools/compare_detectron2_baselines.py``'s JSON) as a short
-    markdown table with its date, commands and budget: Detectron2's models, then ``method`` as
-    shipped (its seed runs), with the mean AP of each model over its seeds; the variants' count
+    markdown table with its date, commands and budget: Detectron2's models and ``method`` as
+    shipped (their seed runs), with the mean AP of each model over its seeds; the variants' count
     and where to read them. A line saying so if there is no JSON."""
     from d2detr.utils import base_method, display_label, is_seed_run
 
@@ -106,7 +106,8 @@ def format_baselines(path: str, method: str = DEMO_METHOD) -> str:
     with open(path) as f:
         results = json.load(f)
     methods = results.get("methods", {})
-    detectron2 = [k for k in methods if methods[k].get("kind") == "detectron2"]
+    # Detectron2's configs as they stand (their seed runs); variants (e.g. another lr) are counted below
+    detectron2 = [k for k in methods if methods[k].get("kind") == "detectron2" and is_seed_run(k)]
     bases = list(OrderedDict.fromkeys(base_method(k) for k in detectron2))
     shown = sorted(detectron2, key=lambda k: bases.index(base_method(k)))  # each model's runs together
     shown += [k for k in methods if methods[k].get("kind") != "detectron2" and is_seed_run(k, method)]
@@ -125,20 +126,53 @@ def format_baselines(path: str, method: str = DEMO_METHOD) -> str:
             seeds_ap.setdefault(base, []).append(f_["AP"])
     means = [f"{methods[b].get('label', b) if b in methods else b}: {sum(v) / len(v):.1f} ({len(v)} seeds)"
              for b, v in seeds_ap.items() if len(v) > 1]
-    head = f"Last comparison ({results.get('date_utc', '?')}): `{results.get('command', '?')}`"
-    # the models may come from several runs of the tool (e.g. a seed added later): each run's command
-    first_start: Dict[str, str] = {}
-    for name in shown:
-        r = methods[name]
-        cmd = r.get("command")
-        if cmd and cmd != results.get("command"):
-            first_start[cmd] = min(first_start.get(cmd, "~"), r.get("started_utc", "?"))
-    runs = [f"also from: `{cmd}` (started {started})" for cmd, started in sorted(first_start.items(), key=lambda x: x[1])]
+    head = f"Baseline comparison (`{os.path.relpath(path)}`, updated {results.get('date_utc', '?')}):"
     tail = [f"mean AP over seeds: {'; '.join(means)}"] if means else []
     others = len(methods) - len(shown)
     if others:
-        tail.append(f"({others} more rows -- recipe variants and other models -- in the JSON and docs/detectron2_baselines.md)")
+        tail.append(f"({others} more rows -- variants and other models -- in the JSON and docs/detectron2_baselines.md)")
+    # How each shown row was trained: its run's command, once per run, without what every run shares
+    first_start: Dict[str, str] = {}
+    for name in shown:
+        r = methods[name]
+        cmd = r.get("command") or results.get("command", "?")
+        first_start[cmd] = min(first_start.get(cmd, "~"), r.get("started_utc", "?"))
+    split = {cmd: _split_command(cmd) for cmd in first_start}
+    outs = {out for options, out in split.values() if options is not None}
+    common_out = outs.pop() if len(outs) == 1 else None
+    runs = [f"runs: `{COMPARE_TOOL} <options>{' ' + common_out if common_out else ''}` with <options>:"]
+    for cmd, started in sorted(first_start.items(), key=lambda x: x[1]):
+        options, out = split[cmd]
+        if options is None:  # not the comparison tool's command: as stored
+            text = cmd
+        else:
+            text = options if common_out is not None else f"{options} {out}".strip()
+        runs.append(f"  `{text or '(none)'}` (started {started})")
     return "\n".join([head, *lines, *tail, *runs])
+
+
+COMPARE_TOOL = "python tools/compare_detectron2_baselines.py"
+_OUTPUT_FLAGS = ("--json", "--figure", "--markdown")
+
+
+def _split_command(cmd: str):
+    """``(options, output flags)`` of a comparison command (``tools/compare_detectron2_baselines.py``):
+    its options without the ``--json / --figure / --markdown`` pairs, which every run of one JSON
+    shares, and those pairs; ``(None, cmd)`` for any other command."""
+    import shlex
+
+    words = shlex.split(cmd)
+    if words[:2] != COMPARE_TOOL.split():
+        return None, cmd
+    options, out, i = [], [], 2
+    while i < len(words):
+        if words[i] in _OUTPUT_FLAGS and i + 1 < len(words):
+            out += words[i:i + 2]
+            i += 2
+        else:
+            options.append(words[i])
+            i += 1
+    return shlex.join(options), shlex.join(out)
 
 
 def format_ap_table(results: Dict) -> str:
