@@ -15,7 +15,10 @@ Two clocks (``clock=``):
 * ``"process"``: ``time.process_time() / threads`` -- this process's CPU time (all its
   threads) divided by the number of threads it trains with. On a machine shared with
   other jobs the wall clock charges a run for the others' load; the CPU clock does not, so
-  runs made at different times under different load get the same amount of computation.
+  runs made at different times under different load get about the same amount of
+  computation -- not exactly: under contention OpenMP threads spin while they wait for each
+  other, and that is CPU time too (a ``make demo`` beside other jobs ran 643 of its 1,084
+  idle-machine iterations).
   It counts only this process: a data loader with worker processes would train for free,
   so budgeted comparisons load data in the main process (``num_workers=0``).
 
