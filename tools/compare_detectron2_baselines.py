@@ -51,6 +51,9 @@ from d2detr.utils import (  # noqa: E402  (re-exported for the tests)
 #: name -> (config file, label, kind). kind "detectron2" = a Detectron2 model, "d2detr" = ours.
 METHODS = {
     "faster_rcnn": ("configs/neon_trees/faster_rcnn_mobilenetv2_fpn.py", "Detectron2 Faster R-CNN (FPN)", "detectron2"),
+    "faster_rcnn_adamw": (
+        "configs/neon_trees/faster_rcnn_mobilenetv2_fpn_adamw.py", "Detectron2 Faster R-CNN (FPN), AdamW", "detectron2",
+    ),
     "retinanet": ("configs/neon_trees/retinanet_mobilenetv2_fpn.py", "Detectron2 RetinaNet (FPN)", "detectron2"),
     "dino_recipe": ("configs/neon_trees/dino_recipe.py", "d2detr DINO recipe (make demo)", "d2detr"),
     "dino_hybrid_recipe": ("configs/neon_trees/dino_hybrid_recipe.py", "d2detr DINO recipe + hybrid matching (H-DETR)", "d2detr"),

@@ -1,0 +1,13 @@
+"""Detectron2's Faster R-CNN (``faster_rcnn_mobilenetv2_fpn.py``) trained with AdamW instead of SGD:
+the fairness check of the baseline's optimizer (``tools/compare_detectron2_baselines.py --methods
+faster_rcnn_adamw``). The RetinaNet baseline only learns with AdamW at this batch size and budget,
+so the Faster R-CNN gets the same chance: AdamW, lr 1e-4, weight decay 1e-4, every parameter at
+the full lr, no clipping -- the RetinaNet config's optimizer; everything else as the SGD config.
+"""
+from ..common.optim import AdamW as optimizer
+from .faster_rcnn_mobilenetv2_fpn import dataloader, lr_multiplier, model, train  # noqa: F401
+
+optimizer.lr = 1e-4
+optimizer.params.lr_factor_func.factors = {}
+
+train.output_dir = "./output/baselines/faster_rcnn_adamw"
