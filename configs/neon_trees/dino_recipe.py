@@ -56,6 +56,6 @@ train.max_iter = 100000
 train.eval_period = 0
 # 15 minutes of this process's CPU time per training thread: on an idle 2-core machine with 2
 # threads about 15 minutes of wall-clock training. Under load it trains less (643 iterations
-# against 1,084 beside other jobs, 2026-12-03): threads waiting for each other still use CPU time.
+# against 1,084 beside other jobs, 2026-12-03; likely threads spinning while they wait, not verified).
 train.time_budget = dict(seconds=15 * 60, clock="process", threads=None, eval_fractions=[0.25, 0.5, 0.75])
 demo = dict(score_threshold=0.3)  # tools/neon_trees_demo.py / tools/demo.py: drawn predictions' minimum score

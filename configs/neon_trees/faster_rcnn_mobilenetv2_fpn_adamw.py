@@ -4,10 +4,7 @@ faster_rcnn_adamw``). The RetinaNet baseline only learns with AdamW at this batc
 so the Faster R-CNN gets the same chance: AdamW, lr 1e-4, weight decay 1e-4, every parameter at
 the full lr, no clipping -- the RetinaNet config's optimizer; everything else as the SGD config.
 """
-from ..common.optim import AdamW as optimizer
+from .detectron2_baseline_common import adamw_optimizer as optimizer  # noqa: F401
 from .faster_rcnn_mobilenetv2_fpn import dataloader, lr_multiplier, model, train  # noqa: F401
-
-optimizer.lr = 1e-4
-optimizer.params.lr_factor_func.factors = {}
 
 train.output_dir = "./output/baselines/faster_rcnn_adamw"

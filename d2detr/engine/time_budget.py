@@ -16,9 +16,9 @@ Two clocks (``clock=``):
   threads) divided by the number of threads it trains with. On a machine shared with
   other jobs the wall clock charges a run for the others' load; the CPU clock does not, so
   runs made at different times under different load get about the same amount of
-  computation -- not exactly: under contention OpenMP threads spin while they wait for each
-  other, and that is CPU time too (a ``make demo`` beside other jobs ran 643 of its 1,084
-  idle-machine iterations).
+  computation -- not exactly: a ``make demo`` beside other jobs ran 643 of its 1,084
+  idle-machine iterations (likely because under contention OpenMP threads spin while they
+  wait for each other, and that is CPU time too; not verified).
   It counts only this process: a data loader with worker processes would train for free,
   so budgeted comparisons load data in the main process (``num_workers=0``).
 
