@@ -133,3 +133,22 @@ def test_one2many_loss_with_one_repeat_is_the_one2one_loss(tmp_path):
             torch.testing.assert_close(losses[f"{k}_one2many"], losses[k], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="one2many_repeat >= 1"):
         SetCriterion(3, HungarianMatcher(use_focal=True), weights, use_focal=True)(dict(out, one2many_outputs=out), targets)
+
+
+def test_matching_with_a_repeat_is_matching_the_repeated_targets():
+    """``matcher(outputs, targets, repeat=k)`` (costs computed once per target) assigns exactly what
+    matching against ``repeat_targets(targets, k)`` does, an image without targets included."""
+    from d2detr.modeling.matcher import HungarianMatcher
+
+    g = torch.Generator().manual_seed(0)
+    outputs = {"pred_logits": torch.randn(3, 20, 2, generator=g), "pred_boxes": torch.rand(3, 20, 4, generator=g) * 0.5 + 0.25}
+    targets = [{"labels": torch.tensor([0, 1, 1]), "boxes": torch.rand(3, 4, generator=g) * 0.4 + 0.3},
+               {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)},
+               {"labels": torch.tensor([1, 0]), "boxes": torch.rand(2, 4, generator=g) * 0.4 + 0.3}]
+    matcher = HungarianMatcher(2.0, 5.0, 2.0, use_focal=True)
+    for (rows, cols), (ref_rows, ref_cols) in zip(matcher(outputs, targets, repeat=4),
+                                                  matcher(outputs, repeat_targets(targets, 4))):
+        assert torch.equal(rows, ref_rows) and torch.equal(cols, ref_cols)
+    assert [len(r) for r, _ in matcher(outputs, targets, repeat=4)] == [12, 0, 8]
+    with pytest.raises(ValueError, match="repeat must be >= 1"):
+        matcher(outputs, targets, repeat=0)

@@ -42,7 +42,11 @@ class SetCriterion(nn.Module):
     boxes times the number of groups, with suffixes ``_dn`` and ``_dn_{i}``. Hybrid matching
     (H-DETR: ``outputs["one2many_outputs"]``, :mod:`d2detr.modeling.hybrid_matching`) is matched
     against the targets repeated ``one2many_repeat`` times, normalised by that many boxes, with
-    suffixes ``_one2many`` and ``_one2many_{i}``. The returned dict holds **weighted** losses: the weight of
+    suffixes ``_one2many`` and ``_one2many_{i}``. ``enc_one2many_repeat > 0`` also supervises every
+    encoder token's proposal (``outputs["enc_dense_outputs"]``, DINO's transformer: not only the
+    selected ones) against the encoder's targets repeated that many times, the same way (suffix
+    ``_enc_one2many``): the dense one-to-many supervision of the first stage that DETA and Co-DETR
+    give the encoder, here with H-DETR's repeated-target assignment. The returned dict holds **weighted** losses: the weight of
     ``loss_class_0`` is ``weight_dict["loss_class_0"]`` if given, else
     ``weight_dict["loss_class"]``; a loss with no weight is an error.
 
@@ -66,6 +70,7 @@ class SetCriterion(nn.Module):
         l1_box_format: str = "cxcywh",
         one2many_repeat: int = 0,
         class_loss: str = "focal",
+        enc_one2many_repeat: int = 0,
         varifocal_alpha: float = 0.75,
     ):
         super().__init__()
@@ -78,6 +83,9 @@ class SetCriterion(nn.Module):
         if one2many_repeat < 0:
             raise ValueError(f"one2many_repeat must be >= 0, got {one2many_repeat}")
         self.one2many_repeat = one2many_repeat
+        if enc_one2many_repeat < 0:
+            raise ValueError(f"enc_one2many_repeat must be >= 0, got {enc_one2many_repeat}")
+        self.enc_one2many_repeat = enc_one2many_repeat
         if l1_box_format not in ("cxcywh", "xyxy"):
             raise ValueError(f"l1_box_format must be 'cxcywh' or 'xyxy', got {l1_box_format!r}")
         self.l1_box_format = l1_box_format
@@ -133,14 +141,19 @@ class SetCriterion(nn.Module):
         loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
         return {"loss_class": loss}
 
+    def matched_pair_ious(self, outputs, targets, indices) -> Tensor:
+        """``[P]`` detached IoU of each matched (query, target) pair, in the order of
+        ``_src_permutation_idx(indices)``."""
+        idx = self._src_permutation_idx(indices)
+        pred = outputs["pred_boxes"].detach().float()
+        src = box_cxcywh_to_xyxy(pred[idx[0].to(pred.device), idx[1].to(pred.device)])
+        tgt = box_cxcywh_to_xyxy(torch.cat([t["boxes"][J] for t, (_, J) in zip(targets, indices)]).to(src))
+        return torch.diag(box_iou(src, tgt)[0]) if len(src) else src.new_zeros(0)
+
     def _matched_ious(self, outputs, targets, indices, idx, B: int, Q: int) -> Tensor:
         """(B, Q) detached IoU of each matched query's box with its target, 0 for the unmatched."""
-        pred = outputs["pred_boxes"].detach().float()
-        src = box_cxcywh_to_xyxy(pred[idx])
-        tgt = box_cxcywh_to_xyxy(torch.cat([t["boxes"][J] for t, (_, J) in zip(targets, indices)]).to(src))
-        ious = torch.zeros(B, Q, dtype=src.dtype, device=src.device)
-        if len(src):
-            ious[idx] = torch.diag(box_iou(src, tgt)[0])
+        ious = outputs["pred_boxes"].new_zeros(B, Q, dtype=torch.float32)
+        ious[idx] = self.matched_pair_ious(outputs, targets, indices).to(ious.device)
         return ious
 
     def loss_boxes(self, outputs, targets, indices, num_boxes) -> Dict[str, Tensor]:
@@ -194,6 +207,12 @@ class SetCriterion(nn.Module):
                 out[k + suffix] = v * self.weight_of(k, suffix)
         return out
 
+    def one2many_losses(self, outputs, targets, num_boxes, repeat: int, suffix: str) -> Dict[str, Tensor]:
+        """One prediction set's weighted losses against ``targets`` repeated ``repeat`` times
+        (normalised by that many boxes); the matcher costs each target once."""
+        indices = self.matcher(outputs, targets, repeat=repeat)
+        return self.compute_set_losses(outputs, repeat_targets(targets, repeat), num_boxes * repeat, suffix, indices)
+
     def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """``outputs``: ``pred_logits``, ``pred_boxes`` and optionally ``aux_outputs`` (list of
         dicts) and ``enc_outputs`` (dict); ``targets``: list of ``{"labels", "boxes"}``
@@ -202,12 +221,18 @@ class SetCriterion(nn.Module):
         losses = self.compute_set_losses(outputs, targets, num_boxes)
         for i, aux in enumerate(outputs.get("aux_outputs") or []):
             losses.update(self.compute_set_losses(aux, targets, num_boxes, suffix=f"_{i}"))
+        enc_targets = targets
+        if self.enc_class_agnostic:
+            enc_targets = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
         enc = outputs.get("enc_outputs")
         if enc is not None:
-            enc_targets = targets
-            if self.enc_class_agnostic:
-                enc_targets = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
             losses.update(self.compute_set_losses(enc, enc_targets, num_boxes, suffix="_enc"))
+        if self.enc_one2many_repeat:
+            dense = outputs.get("enc_dense_outputs")
+            if dense is None:
+                raise ValueError("SetCriterion(enc_one2many_repeat > 0) needs every encoder token's proposal "
+                                 "(outputs['enc_dense_outputs'], given in training by DINO's transformer)")
+            losses.update(self.one2many_losses(dense, enc_targets, num_boxes, self.enc_one2many_repeat, "_enc_one2many"))
         dn = outputs.get("dn_outputs")
         if dn is not None:
             meta = outputs["dn_meta"]
@@ -220,11 +245,9 @@ class SetCriterion(nn.Module):
         if one2many is not None:
             if self.one2many_repeat < 1:
                 raise ValueError("one-to-many outputs (hybrid matching) need SetCriterion(one2many_repeat >= 1)")
-            many_targets = repeat_targets(targets, self.one2many_repeat)
-            many_num_boxes = num_boxes * self.one2many_repeat
-            losses.update(self.compute_set_losses(one2many, many_targets, many_num_boxes, "_one2many"))
+            losses.update(self.one2many_losses(one2many, targets, num_boxes, self.one2many_repeat, "_one2many"))
             for i, aux in enumerate(one2many.get("aux_outputs") or []):
-                losses.update(self.compute_set_losses(aux, many_targets, many_num_boxes, f"_one2many_{i}"))
+                losses.update(self.one2many_losses(aux, targets, num_boxes, self.one2many_repeat, f"_one2many_{i}"))
         return losses
 
     def extra_repr(self) -> str:
@@ -232,4 +255,5 @@ class SetCriterion(nn.Module):
             f"num_classes={self.num_classes}, losses={self.losses}, use_focal={self.use_focal}, "
             f"eos_coef={self.eos_coef}, class_loss={self.class_loss}, focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}, "
             f"weight_dict={self.weight_dict}" + (f", one2many_repeat={self.one2many_repeat}" if self.one2many_repeat else "")
+            + (f", enc_one2many_repeat={self.enc_one2many_repeat}" if self.enc_one2many_repeat else "")
         )

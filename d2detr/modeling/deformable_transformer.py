@@ -663,7 +663,8 @@ class DeformableDetrTransformer(nn.Module):
     def select_queries(self, memory: Tensor, mask_flatten: Tensor, spatial_shapes_list: List[Tuple[int, int]],
                        query_embed) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor], Optional[Tensor]]:
         """-> ``(tgt [N,Q,C], query_pos [N,Q,C] or None, reference_points [N,Q,2|4] (sigmoid),
-        enc_logits, enc_coords_unact)`` (the last two None for single-stage)."""
+        enc_logits, enc_coords_unact)`` (the last two None for single-stage). A successor may add
+        a sixth entry, a dict of extra outputs for the detector's output dict (training only)."""
         bs, _, c = memory.shape
         anchors = self.decoder.derives_query_pos
         if self.two_stage:
@@ -730,9 +731,10 @@ class DeformableDetrTransformer(nn.Module):
         encoder_outputs = None
         if isinstance(memory, tuple):
             memory, encoder_outputs = memory
-        tgt, query_pos, reference_points, enc_logits, enc_coords_unact = self.select_queries(
-            memory, mask_flatten, spatial_shapes_list, query_embed
-        )
+        selection = self.select_queries(memory, mask_flatten, spatial_shapes_list, query_embed)
+        tgt, query_pos, reference_points, enc_logits, enc_coords_unact = selection[:5]
+        if len(selection) > 5:  # extra training outputs of the selection (DINO's dense proposals)
+            encoder_outputs = {**(encoder_outputs or {}), **selection[5]}
         self_attn_mask = None
         num_matching, num_denoising = tgt.shape[1], 0
         if denoising_queries is not None:

@@ -15,6 +15,10 @@ Following the official code (IDEA-Research/DINO, ``models/dino/deformable_transf
 An image with fewer tokens than ``two_stage_num_proposals`` selects all of them (and uses the
 first rows of ``tgt_embed``) instead of failing as the official ``topk`` does.
 
+In training the selection also hands the detector every token's proposal
+(``enc_dense_outputs``), which :class:`~d2detr.modeling.criterion.SetCriterion` supervises
+one-to-many when ``enc_one2many_repeat > 0`` (not part of DINO; off in its configs).
+
 ``num_one2many_queries > 0`` adds H-DETR's hybrid branch in training
 (:mod:`d2detr.modeling.hybrid_matching`): the next ``num_one2many_queries`` proposals after the
 top ``two_stage_num_proposals`` become one-to-many queries with learned content of their own
@@ -89,5 +93,11 @@ class DinoTransformer(DeformableDetrTransformer):
             # the encoder loss stays on the one-to-one selection, as without the hybrid branch
             topk = topk[:, :num_one2one]
         tgt = tgt.unsqueeze(0).expand(memory.shape[0], -1, -1)
-        enc_coords_unact = coords_unact[:, : topk.shape[1]]
-        return tgt, None, coords_unact.detach().sigmoid(), gather_tokens(enc_logits, topk), enc_coords_unact
+        selected_coords_unact = coords_unact[:, : topk.shape[1]]
+        selection = (tgt, None, coords_unact.detach().sigmoid(), gather_tokens(enc_logits, topk), selected_coords_unact)
+        if self.training:
+            # every token's proposal, for a one-to-many encoder loss (SetCriterion's
+            # enc_one2many_repeat); the criterion ignores it otherwise
+            dense = {"pred_logits": enc_logits, "pred_boxes": enc_coords_unact.sigmoid()}
+            return selection + ({"enc_dense_outputs": dense},)
+        return selection

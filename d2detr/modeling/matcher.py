@@ -72,7 +72,10 @@ class HungarianMatcher(nn.Module):
     ``outputs["pred_boxes"] [B,Q,4]`` normalised cxcywh; ``targets`` a list of
     dicts with ``labels [n]`` and ``boxes [n,4]`` (normalised cxcywh). Returns one
     ``(query_idx, target_idx)`` pair of int64 CPU tensors per image, of length
-    ``min(Q, n)``; images without targets get empty tensors. Non-finite predictions and labels
+    ``min(Q, n)``; images without targets get empty tensors. ``forward(..., repeat=k)`` matches
+    against each image's targets repeated ``k`` times (one-to-many, as
+    :func:`~d2detr.modeling.hybrid_matching.repeat_targets` orders them: copy ``j`` of target ``t``
+    is index ``j * n + t``), computing the costs once per target. Non-finite predictions and labels
     that are not classes of the model raise on every DDP worker together
     (:func:`check_matcher_inputs`).
     """
@@ -128,8 +131,10 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]
+        self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]], repeat: int = 1
     ) -> List[Tuple[Tensor, Tensor]]:
+        if repeat < 1:
+            raise ValueError(f"the matcher's repeat must be >= 1, got {repeat}")
         check_matcher_inputs(outputs, targets, self.use_focal)  # on every worker, even without targets
         sizes = [len(t["boxes"]) for t in targets]
         empty = torch.empty(0, dtype=torch.int64)
@@ -143,7 +148,8 @@ class HungarianMatcher(nn.Module):
             if sizes[i] == 0:
                 indices.append((empty, empty.clone()))
                 continue
-            row, col = linear_sum_assignment(c[i].numpy())
+            cost = c[i] if repeat == 1 else c[i].repeat(1, repeat)  # the copies' identical columns
+            row, col = linear_sum_assignment(cost.numpy())
             indices.append(
                 (torch.as_tensor(row, dtype=torch.int64), torch.as_tensor(col, dtype=torch.int64))
             )

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from d2detr.layers.box_ops import box_cxcywh_to_xyxy, box_iou
 from d2detr.modeling.criterion import SetCriterion
 from d2detr.modeling.matcher import check_matcher_inputs
 
@@ -121,18 +120,16 @@ class SDDETRCriterion(SetCriterion):
         groups = torch.cat([J + o for (_, J), o in zip(indices, offsets.tolist())]).to(logits.device)
         with torch.no_grad():
             scores = logits[batch_idx, query_idx, labels].sigmoid()
-            pred = outputs["pred_boxes"][batch_idx, query_idx].float()
-            gt = torch.cat([t["boxes"][J] for t, (_, J) in zip(targets, indices)]).to(pred)
-            ious = torch.diag(box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt))[0]) if len(gt) else pred.new_zeros(0)
+            ious = self.matched_pair_ious(outputs, targets, indices).to(scores.device)
             t = task_alignment_targets(scores, ious, groups, self.alignment_alpha, self.alignment_beta,
                                        self.normalize_alignment)
         soft = torch.zeros_like(logits)
         soft[batch_idx, query_idx, labels] = t
         return {"loss_class": task_aligned_focal_loss(logits, soft, self.alignment_gamma) / num_pos}
 
-    def compute_set_losses(self, outputs, targets, num_boxes, suffix: str = "") -> Dict[str, Tensor]:
-        if not self.alignment_loss or suffix == "_enc":
-            return super().compute_set_losses(outputs, targets, num_boxes, suffix)
+    def compute_set_losses(self, outputs, targets, num_boxes, suffix: str = "", indices=None) -> Dict[str, Tensor]:
+        if not self.alignment_loss or suffix == "_enc" or indices is not None:
+            return super().compute_set_losses(outputs, targets, num_boxes, suffix, indices)
         repeats = 1 if suffix == "" else self.positive_repeats  # "" is the last decoder layer
         indices = self.match_repeated(outputs, targets, repeats)
         num_pos = num_boxes if repeats == 1 else self.get_num_boxes(
