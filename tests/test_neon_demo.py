@@ -29,7 +29,8 @@ BBOX_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
 
 
 @needs_data
-def test_short_demo_run(tmp_path):
+def test_short_demo_run(tmp_path, monkeypatch):
+    import torch
     from detectron2.data import DatasetCatalog
     from PIL import Image
 
@@ -38,7 +39,22 @@ def test_short_demo_run(tmp_path):
         "--output-dir", out, "--max-iter", "2", "--num-threads", "2",
         "dataloader.train.num_workers=0", "train.log_period=1",
     ]
+    drawn_with = []
+    draw = neon_trees_demo.draw_predictions
+
+    def recording_draw(cfg, model, *args, **kwargs):  # the weights the pictures are drawn with
+        drawn_with.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return draw(cfg, model, *args, **kwargs)
+
+    monkeypatch.setattr(neon_trees_demo, "draw_predictions", recording_draw)
     ret = neon_trees_demo.main(argv)
+
+    # the recipe keeps an EMA of the weights: the pictures show it, as the evaluation does
+    ckpt = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=False)
+    ema, raw = ckpt["model_ema"]["state"], ckpt["model"]
+    param = "transformer.tgt_embed.weight"
+    assert not torch.equal(ema[param], raw[param])
+    assert torch.equal(drawn_with[0][param], ema[param])
 
     # the evaluator's output: COCO bbox metrics in percent
     bbox = ret["results"]["bbox"]
@@ -77,6 +93,7 @@ def test_short_demo_run(tmp_path):
     mtime = os.path.getmtime(os.path.join(out, "model_final.pth"))
     again = neon_trees_demo.main(argv)
     assert os.path.getmtime(os.path.join(out, "model_final.pth")) == mtime
+    assert torch.equal(drawn_with[1][param], ema[param])  # the resumed run restored the EMA too
     for key in ("AP", "AP50"):
         assert again["results"]["bbox"][key] == pytest.approx(bbox[key])
 

@@ -305,6 +305,8 @@ def main(argv=None) -> Dict:
     args = parse_args(argv)
     import torch
 
+    from d2detr.checkpoint import use_ema_weights
+
     torch.set_num_threads(args.num_threads)
     opts = [o for o in args.opts if o != "--"]
     if args.max_iter is not None:
@@ -324,7 +326,13 @@ def main(argv=None) -> Dict:
     score_thresh = args.score_thresh
     if score_thresh is None:
         score_thresh = float(cfg.get("demo", {}).get("score_threshold", 0.3))
-    pngs = draw_predictions(cfg, model, os.path.join(args.output_dir, "predictions"), score_thresh)
+    pred_dir = os.path.join(args.output_dir, "predictions")
+    model_ema = getattr(trainer, "model_ema", None)
+    if model_ema is not None and use_ema_weights(cfg):  # draw what was evaluated: the EMA weights
+        with model_ema.apply_to(model):
+            pngs = draw_predictions(cfg, model, pred_dir, score_thresh)
+    else:
+        pngs = draw_predictions(cfg, model, pred_dir, score_thresh)
     curves = plot_training_curves(
         os.path.join(args.output_dir, "metrics.json"), os.path.join(args.output_dir, "training_curves.png")
     )
